@@ -1,0 +1,30 @@
+"""optaxclip: gradient clipping for JAX as composable optax transforms.
+
+Every transform is an `optax.GradientTransformation` whose state holds a
+`ClipStats` (pre-clip norm, threshold, whether it fired, counters); read it
+with `optaxclip.stats(opt_state)` or `optaxclip.metrics(opt_state)`.
+"""
+
+from ._agc import adaptive_grad_clip as adaptive_grad_clip
+from ._agc import flax_unit_axes as flax_unit_axes
+from ._basic import clip_by_global_norm as clip_by_global_norm
+from ._basic import clip_by_leaf_norm as clip_by_leaf_norm
+from ._basic import clip_by_value as clip_by_value
+from ._stats import ClipStats as ClipStats
+from ._stats import metrics as metrics
+from ._stats import stats as stats
+from ._tree import global_norm as global_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipStats",
+    "adaptive_grad_clip",
+    "clip_by_global_norm",
+    "clip_by_leaf_norm",
+    "clip_by_value",
+    "flax_unit_axes",
+    "global_norm",
+    "metrics",
+    "stats",
+]

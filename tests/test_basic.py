@@ -1,0 +1,276 @@
+"""Tests for optaxclip._basic: clip_by_global_norm, clip_by_leaf_norm, clip_by_value."""
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference as ref
+from absl.testing import parameterized
+from conftest import assert_close_to_reference, mixed_tree, strict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optaxclip
+
+NORM = ref.global_norm(mixed_tree())  # about 8.5
+
+
+def _leaf_bound(path, leaf):
+    del leaf
+    return 0.5 if "kernel" in jax.tree_util.keystr(path) else 2.0
+
+
+class ClipByGlobalNormTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("idle", 1e3), ("active", 0.5), ("just_below", NORM * 0.999))
+    def test_matches_reference(self, max_norm):
+        grads = mixed_tree()
+        tx = optaxclip.clip_by_global_norm(max_norm)
+        out, state = self.variant(strict(tx.update))(grads, tx.init(grads))
+        chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
+        assert_close_to_reference(out, ref.clip_global(grads, max_norm))
+        np.testing.assert_allclose(float(state.pre_clip_norm), NORM, rtol=1e-6)
+        np.testing.assert_allclose(float(state.post_clip_norm), min(NORM, max_norm), rtol=1e-6)
+        self.assertEqual(bool(state.clipped), max_norm < NORM)
+        self.assertEqual(int(state.clip_count), int(max_norm < NORM))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("f16", [300.0, 400.0], jnp.float16, [0.6, 0.8]),
+        ("f32_1e30", [1e30, 1e30], jnp.float32, [0.70710678, 0.70710678]),
+        ("bf16_1e30", [1e30, 1e30], jnp.bfloat16, [0.70710678, 0.70710678]),
+    )
+    def test_large_finite_gradients_clip_correctly(self, values, dtype, expected):
+        tx = optaxclip.clip_by_global_norm(1.0)
+        g = {"w": jnp.asarray(values, dtype)}
+        out, _ = self.variant(strict(tx.update))(g, tx.init(g))
+        self.assertEqual(out["w"].dtype, dtype)
+        np.testing.assert_allclose(np.asarray(out["w"], np.float64), expected, rtol=4e-3)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_nonfinite_stays_nonfinite_and_is_counted(self):
+        tx = optaxclip.clip_by_global_norm(1.0)
+        g = {"a": jnp.array([np.inf, 1.0]), "b": jnp.array([np.nan], jnp.bfloat16)}
+        out, state = self.variant(strict(tx.update))(g, tx.init(g))
+        self.assertEqual(float(out["a"][0]), np.inf)
+        self.assertTrue(np.isnan(float(out["b"][0])))
+        self.assertEqual(int(state.nonfinite_count), 1)
+        self.assertFalse(bool(state.clipped))
+
+    def test_bad_max_norm_raises(self):
+        for bad in (0, 0.0, -1.0, float("nan"), True):
+            with pytest.raises(ValueError, match=r"clip_by_global_norm: `max_norm`.*max_norm="):
+                optaxclip.clip_by_global_norm(bad)
+
+    @given(
+        x=hnp.arrays(np.float32, (7,), elements=st.floats(-1.0000000150474662e30, 1.0000000150474662e30, width=32, allow_subnormal=False)),
+        max_norm=st.floats(1e-3, 1e3),
+    )
+    @settings(max_examples=25, deadline=None)
+    def test_invariants(self, x, max_norm):
+        tx = optaxclip.clip_by_global_norm(max_norm)
+        once, _ = tx.update(jnp.asarray(x), tx.init(None))
+        twice, _ = tx.update(once, tx.init(None))
+        n = ref.global_norm([x])
+        n_out = ref.global_norm([once])
+        assert n_out <= max_norm * (1 + 1e-5)  # norm <= bound
+        np.testing.assert_allclose(np.asarray(twice), np.asarray(once), rtol=1e-5, atol=1e-30)
+        if n > 0:  # direction kept
+            cos = np.dot(np.asarray(once, np.float64), x.astype(np.float64)) / (n_out * n)
+            assert cos > 1 - 1e-5 or n_out == 0
+        else:
+            assert not np.any(np.asarray(once))
+
+
+class ClipByLeafNormTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("scalar_bound", "scalar"), ("tree_bound", "tree"), ("callable_bound", "callable")
+    )
+    def test_matches_reference(self, kind):
+        grads = mixed_tree(2)
+        bounds_tree = jax.tree_util.tree_map_with_path(_leaf_bound, grads)
+        max_norm = {"scalar": 1.0, "tree": bounds_tree, "callable": _leaf_bound}[kind]
+        expected_bounds = jax.tree.map(lambda _: 1.0, grads) if kind == "scalar" else bounds_tree
+        tx = optaxclip.clip_by_leaf_norm(max_norm)
+        out, state = self.variant(strict(tx.update))(grads, tx.init(grads))
+        chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
+        expected = ref.clip_leaf(grads, expected_bounds)
+        assert_close_to_reference(out, expected)
+        np.testing.assert_allclose(float(state.pre_clip_norm), ref.global_norm(grads), rtol=1e-6)
+        np.testing.assert_allclose(float(state.post_clip_norm), ref.global_norm(expected), rtol=1e-5)
+        bound_norm = np.sqrt(sum(b**2 for b in jax.tree.leaves(expected_bounds)))
+        np.testing.assert_allclose(float(state.threshold), bound_norm, rtol=1e-6)
+        self.assertTrue(bool(state.clipped))
+
+    def test_f16_and_huge_leaves(self):
+        tx = optaxclip.clip_by_leaf_norm(1.0)
+        g = {"h": jnp.array([300.0, 400.0], jnp.float16), "b": jnp.array([1e30, 1e30])}
+        out, st = tx.update(g, tx.init(g))
+        np.testing.assert_allclose(np.asarray(out["h"], np.float64), [0.6, 0.8], rtol=2e-3)
+        np.testing.assert_allclose(np.asarray(out["b"]), [0.70710678] * 2, rtol=1e-6)
+        self.assertTrue(np.isfinite(float(st.pre_clip_norm)))
+
+    def test_bad_bounds_raise(self):
+        with pytest.raises(ValueError, match=r"clip_by_leaf_norm: `max_norm`.*max_norm=-1"):
+            optaxclip.clip_by_leaf_norm(-1.0)
+        with pytest.raises(ValueError, match=r"max_norm=0"):
+            optaxclip.clip_by_leaf_norm({"a": 1.0, "b": 0.0})
+        g = {"a": jnp.ones(2), "b": jnp.ones(2)}
+        tx = optaxclip.clip_by_leaf_norm({"a": 1.0})
+        with pytest.raises(ValueError, match=r"`max_norm` must be .*structure"):
+            tx.update(g, tx.init(g))
+        tx = optaxclip.clip_by_leaf_norm(lambda path, leaf: -2.0)
+        with pytest.raises(ValueError, match=r"max_norm\['a'\]=-2.0"):
+            tx.update(g, tx.init(g))
+
+
+class ClipByValueTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("symmetric", 0.5, None), ("asymmetric", 1.0, -0.25))
+    def test_matches_reference(self, max_value, min_value):
+        grads = mixed_tree(3)
+        tx = optaxclip.clip_by_value(max_value, min_value)
+        out, state = self.variant(strict(tx.update))(grads, tx.init(grads))
+        chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
+        lo = -max_value if min_value is None else min_value
+        expected = ref.clip_value(grads, lo, max_value)
+        assert_close_to_reference(out, expected)
+        np.testing.assert_allclose(float(state.pre_clip_norm), ref.global_norm(grads), rtol=1e-6)
+        np.testing.assert_allclose(float(state.post_clip_norm), ref.global_norm(out), rtol=1e-6)
+        self.assertEqual(float(state.threshold), max(abs(lo), max_value))
+        self.assertTrue(bool(state.clipped))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_inf_stays_inf_nan_stays_nan(self):
+        tx = optaxclip.clip_by_value(1.0)
+        g = {"w": jnp.array([np.inf, -np.inf, np.nan, 5.0])}
+        out, state = self.variant(strict(tx.update))(g, tx.init(g))
+        np.testing.assert_equal(np.asarray(out["w"]), [np.inf, -np.inf, np.nan, 1.0])
+        self.assertEqual(int(state.nonfinite_count), 1)
+
+    def test_bad_arguments_raise(self):
+        with pytest.raises(ValueError, match=r"clip_by_value: `min_value` must be <= `max_value`"):
+            optaxclip.clip_by_value(1.0, min_value=2.0)
+        with pytest.raises(ValueError, match=r"`max_value` must be > 0.*max_value=-1"):
+            optaxclip.clip_by_value(-1.0)
+        with pytest.raises(ValueError, match=r"`max_value` must be a finite.*max_value=nan"):
+            optaxclip.clip_by_value(float("nan"))
+
+
+# --- behaviour every fixed transform shares -------------------------------------------
+
+TRANSFORMS = {
+    "global": (optaxclip.clip_by_global_norm, "max_norm"),
+    "leaf": (optaxclip.clip_by_leaf_norm, "max_norm"),
+    "value": (optaxclip.clip_by_value, "max_value"),
+    "agc": (optaxclip.adaptive_grad_clip, "clipping"),
+}
+
+
+def _update(tx, grads, state, params):
+    return tx.update(grads, state, params)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_zero_gradient_zero_threshold_gives_zero(name):
+    factory, arg = TRANSFORMS[name]
+    grads = mixed_tree()
+    zeros = jax.tree.map(jnp.zeros_like, grads)
+    tx = optax.inject_hyperparams(factory)(**{arg: 1.0})
+    state = tx.init(grads)
+    state.hyperparams[arg] = jnp.zeros_like(state.hyperparams[arg])
+    out, state = jax.jit(_update, static_argnums=0)(tx, zeros, state, grads)
+    chex.assert_trees_all_equal(out, zeros)
+    assert float(optaxclip.stats(state).pre_clip_norm) == 0.0
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_inject_hyperparams_changes_threshold_without_retrace(name):
+    factory, arg = TRANSFORMS[name]
+    grads = {"f32": jnp.full((3, 2), 2.0), "bf16": jnp.full((2,), 3.0, jnp.bfloat16)}
+    params = jax.tree.map(jnp.ones_like, grads)
+    tx = optax.inject_hyperparams(factory)(**{arg: 100.0})
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state):
+        return tx.update(grads, state, params)
+
+    state = tx.init(params)
+    out_idle, state = step(state)
+    chex.assert_trees_all_equal(out_idle, grads)
+    state.hyperparams[arg] = jnp.asarray(0.1, state.hyperparams[arg].dtype)
+    out_tight, state = step(state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out_tight, grads)
+    assert bool(optaxclip.stats(state).clipped)
+    assert ref.global_norm(out_tight) < ref.global_norm(grads)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_nonfinite_never_made_finite_and_counted(name):
+    factory, _ = TRANSFORMS[name]
+    grads = {"a": jnp.array([np.inf, 2.0, -np.inf]), "b": jnp.array([[np.nan, 1.0]], jnp.float16)}
+    params = jax.tree.map(jnp.ones_like, grads)
+    tx = factory(0.5)
+    out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+        bad = ~np.isfinite(np.asarray(g, np.float64))
+        assert not np.any(np.isfinite(np.asarray(o, np.float64)[bad]))
+    assert int(optaxclip.stats(state).nonfinite_count) == 1
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_apply_if_finite_skips_nonfinite_steps(name):
+    factory, _ = TRANSFORMS[name]
+    params = {"w": jnp.ones((2, 3))}
+    tx = optax.apply_if_finite(optax.chain(factory(0.5), optax.adam(0.1)), max_consecutive_errors=5)
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    bad = {"w": jnp.array([[np.nan, 1.0, 1.0], [1.0, 1.0, 1.0]])}
+    updates, state = step(bad, state, params)
+    new_params = optax.apply_updates(params, updates)
+    chex.assert_trees_all_equal(new_params, params)  # the NaN step was skipped
+    assert int(state.notfinite_count) == 1
+    good = {"w": jnp.full((2, 3), 0.1)}
+    updates, state = step(good, state, params)
+    assert np.all(np.isfinite(np.asarray(updates["w"]))) and np.any(np.asarray(updates["w"]))
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_in_chain_multisteps_and_vmap(name):
+    factory, _ = TRANSFORMS[name]
+    grads = mixed_tree(4)
+    params = mixed_tree(5)
+    # In a chain before adam.
+    tx = optax.chain(factory(0.05), optax.adam(1e-3))
+    out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)
+    assert int(optaxclip.stats(state).step_count) == 1
+    # MultiSteps: the clip sees the mean of the accumulated gradients, once per k steps.
+    clip = factory(0.05)
+    ms = optax.MultiSteps(optax.chain(clip, optax.sgd(1.0)), every_k_schedule=2)
+    ms_state = ms.init(params)
+    g2 = jax.tree.map(lambda g: g * 3, grads)
+    _, ms_state = ms.update(grads, ms_state, params)
+    assert int(optaxclip.stats(ms_state).step_count) == 0
+    ms_out, ms_state = ms.update(g2, ms_state, params)
+    mean = jax.tree.map(lambda a, b: ((a.astype(jnp.float32) + b) / 2).astype(a.dtype), grads, g2)
+    direct, _ = optax.chain(clip, optax.sgd(1.0)).update(mean, ms.init(params).inner_opt_state, params)
+    chex.assert_trees_all_close(ms_out, direct, rtol=2e-2)
+    assert int(optaxclip.stats(ms_state).step_count) == 1
+    # vmap over independent states and gradients (different norms per row).
+    k = 3
+    gb = jax.tree.map(lambda g: jnp.stack([g * (i + 1) for i in range(k)]), grads)
+    pb = jax.tree.map(lambda p: jnp.stack([p] * k), params)
+    sb = jax.vmap(clip.init)(pb)
+    ob, sb = jax.vmap(clip.update)(gb, sb, pb)
+    for i in range(k):
+        gi = jax.tree.map(lambda x: x[i], gb)
+        oi, si = clip.update(gi, clip.init(params), params)
+        chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], ob), oi, rtol=1e-6)
+        np.testing.assert_allclose(float(sb.pre_clip_norm[i]), float(si.pre_clip_norm), rtol=1e-6)
