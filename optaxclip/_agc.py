@@ -118,13 +118,13 @@ def adaptive_grad_clip(
         g_norms = _tree.unit_norms([g_leaves[i] for i in clip_idx], axes)
         c = jnp.asarray(clipping, jnp.float32)
         bounds = [c * jnp.maximum(pn, jnp.asarray(eps, jnp.float32)) for pn in p_norms]
-        factors = [_tree.scale_factor(gn, b) for gn, b in zip(g_norms, bounds)]
+        factors = [_tree.scale_factor(gn, b) for gn, b in zip(g_norms, bounds, strict=True)]
 
         out = list(g_leaves)
-        for i, f in zip(clip_idx, factors):
+        for i, f in zip(clip_idx, factors, strict=True):
             out[i] = _tree.scale(g_leaves[i], f)
         kept = jax.tree.leaves(_tree.leaf_norms([g_leaves[i] for i in keep_idx]))
-        post = [gn * f for gn, f in zip(g_norms, factors)]
+        post = [gn * f for gn, f in zip(g_norms, factors, strict=True)]
         stats = _stats.record(
             state,
             pre_clip_norm=_tree.combine_norms(g_norms + kept),

@@ -80,7 +80,7 @@ def _leaf_bounds(fn: str, max_norm: MaxNorm, updates: Any) -> list[jax.Array]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     if callable(max_norm):
         bounds = [max_norm(path, leaf) for path, leaf in leaves]
-        for (path, _), b in zip(leaves, bounds):
+        for (path, _), b in zip(leaves, bounds, strict=True):
             _checks.positive(fn, f"max_norm{jax.tree_util.keystr(path)}", b)
     elif jax.tree_util.treedef_is_leaf(jax.tree.structure(max_norm)):
         bounds = [max_norm] * len(leaves)
@@ -93,7 +93,7 @@ def _leaf_bounds(fn: str, max_norm: MaxNorm, updates: Any) -> list[jax.Array]:
                 f"updates have {treedef}."
             )
         bounds = jax.tree.leaves(max_norm)
-        for (path, _), b in zip(leaves, bounds):
+        for (path, _), b in zip(leaves, bounds, strict=True):
             _checks.positive(fn, f"max_norm{jax.tree_util.keystr(path)}", b)
     return [jnp.asarray(b, F32) for b in bounds]
 
@@ -146,9 +146,9 @@ def clip_by_leaf_norm(
         leaves, treedef = jax.tree.flatten(updates)
         bounds = _leaf_bounds(fn, max_norm, updates)
         norms = jax.tree.leaves(_tree.leaf_norms(leaves, axis_name))
-        factors = [_tree.scale_factor(n, b) for n, b in zip(norms, bounds)]
-        out = [_tree.scale(g, f) for g, f in zip(leaves, factors)]
-        post = [n * f for n, f in zip(norms, factors)]
+        factors = [_tree.scale_factor(n, b) for n, b in zip(norms, bounds, strict=True)]
+        out = [_tree.scale(g, f) for g, f in zip(leaves, factors, strict=True)]
+        post = [n * f for n, f in zip(norms, factors, strict=True)]
         stats = _stats.record(
             state,
             pre_clip_norm=_tree.combine_norms(norms),

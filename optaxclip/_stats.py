@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 class ClipStats(NamedTuple):
     """What a clipping transform did on its last step, and counters since init.
 
@@ -34,9 +33,11 @@ class ClipStats(NamedTuple):
 
 def init_stats() -> ClipStats:
     """A fresh `ClipStats`: zero norms and counters."""
-    zero = jnp.zeros((), jnp.float32)
-    count = jnp.zeros((), jnp.int32)
-    return ClipStats(zero, zero, zero, jnp.zeros((), bool), count, count, count)
+    # One buffer per field: a shared buffer cannot be donated twice in a jitted step.
+    zero = lambda dtype: jnp.zeros((), dtype)
+    return ClipStats(
+        *(zero(jnp.float32) for _ in range(3)), zero(bool), *(zero(jnp.int32) for _ in range(3))
+    )
 
 
 def init_fn(params: Any) -> ClipStats:
@@ -161,4 +162,3 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
         for field, value in st._asdict().items():
             out[field if single else f"{path}/{field}"] = value
     return out
-

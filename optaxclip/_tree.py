@@ -1,14 +1,16 @@
 """The one place where optaxclip computes L2 norms of arrays and pytrees.
 
-Every norm is accumulated in float32 whatever the leaf dtype. The fast path
-squares the float32 values directly: one read of the data, which XLA fuses
-with the consumer of the norm. Only when that sum overflowed (finite values
-around 1e19 and up) or may have lost precision to underflow (sums below
-`_TINY`) does a `lax.cond` take the slow path, which first finds the largest
-magnitude and scales by it before squaring, so a 1e30 gradient has the
-finite, correct norm 1e30. The predicate is one scalar, so the slow path
-costs nothing unless it runs (under `jax.vmap` the cond becomes a select and
-both paths run).
+Every norm is accumulated in float32 whatever the leaf dtype. Each leaf's
+fast path squares its float32 values directly: one read of the data, which
+XLA fuses into a vectorized reduction. Only when a leaf's sum overflowed
+(finite values around 1e19 and up) or may have lost precision to underflow
+(sums below `_TINY`) does that leaf's `lax.cond` take the slow path, which
+first finds the largest magnitude and scales by a power of two near it
+(exact, see `_exponent`) before squaring, so a 1e30 gradient has the finite, correct norm
+1e30. Each cond takes one leaf (a cond over many same-shaped leaves makes
+XLA reserve gradient-sized temp buffers). Per-leaf norms are then combined
+overflow-safely without touching the data again. Under `jax.vmap` a cond
+becomes a select and both paths run.
 
 Non-finite input gives a non-finite norm: +inf when the data holds an inf
 and no NaN, NaN when it holds a NaN. A norm beyond float32's range (above
@@ -31,90 +33,61 @@ _TINY = 1e-20
 Axes = tuple[int, ...]
 
 
-def _sumsq(x: jax.Array, axes: Axes, scale: tuple[jax.Array, jax.Array] | None = None):
+def _exponent(m: jax.Array) -> jax.Array:
+    """An exponent `k` such that `|x| * 2**-k <= 4` for `|x| <= m`, with `2**-k` normal.
+
+    Scaling by a power of two is exact; clamping `k` to [-126, 126] keeps the
+    factor a normal float32 (XLA flushes subnormal ones, such as 2**-128, to
+    zero). `m` that is 0, inf or NaN gives 0.
+    """
+    m = jnp.where(jnp.isfinite(m) & (m > 0), m, 1.0)
+    return jnp.clip(jnp.frexp(m)[1], -126, 126)
+
+
+def _pow2(k: jax.Array) -> jax.Array:
+    return jnp.ldexp(jnp.ones((), F32), k)
+
+
+def _sumsq(x: jax.Array, axes: Axes, k: jax.Array | None = None) -> jax.Array:
     x = x.astype(F32)
-    if scale is not None:
-        # Two exact power-of-two steps: XLA turns `x / m` into `x * (1 / m)`, and
-        # 1 / 3e38 is subnormal, which the CPU flushes to zero.
-        x = x / scale[0] / scale[1]
+    if k is not None:
+        x = x * _pow2(-k)
     return jnp.sum(jnp.square(x), axis=axes, keepdims=True)
 
 
-def _pow2_scale(m: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Two powers of two, each a normal float32, whose product is about `m`.
-
-    Dividing by them is exact, and brings values of magnitude <= `m` into
-    [-1, 1]. `m` that is 0, inf or NaN gives (1, 1).
-    """
-    m = jnp.where(jnp.isfinite(m) & (m > 0), m, 1.0)
-    _, e = jnp.frexp(m)
-    half = e // 2
-    one = jnp.ones((), F32)
-    return jnp.ldexp(one, half), jnp.ldexp(one, e - half)
-
-
-def _maxabs(x: jax.Array, axes: Axes) -> jax.Array:
-    return jnp.max(jnp.abs(x.astype(F32)), axis=axes, keepdims=True, initial=0.0)
-
-
-def _finish(m: jax.Array, scaled_sumsq: jax.Array) -> jax.Array:
-    """Undoes `_pow2_scale(m)` on `sqrt(s)`; where `m` is 0, inf or NaN, returns `m`."""
-    p1, p2 = _pow2_scale(m)
+def _finish(m: jax.Array, scaled_sumsq: jax.Array, k: jax.Array) -> jax.Array:
+    """`sqrt(s) * 2**k` where `m` is a usable scale, else `m` itself (0, inf or NaN)."""
     good = jnp.isfinite(m) & (m > 0)
-    return jnp.where(good, jnp.sqrt(scaled_sumsq) * p1 * p2, m)
+    return jnp.where(good, jnp.sqrt(scaled_sumsq) * _pow2(k), m)
 
 
-def _norms(
-    leaves: Sequence[jax.Array],
-    axes: Sequence[Axes],
-    out_shape: tuple[int, ...] | None,
-    axis_name: str | None,
-) -> list[jax.Array]:
-    """Norms of `leaves`, each over its `axes` (results keep dims).
+def _leaf_norm(x: jax.Array, axes: Axes, axis_name: str | None) -> jax.Array:
+    """Norm of one array over `axes` (dims kept), overflow- and underflow-safe."""
+    fast = _sumsq(x, axes)
+    if axis_name is not None:
+        fast = jax.lax.psum(fast, axis_name)
+    ok = jnp.all(jnp.isfinite(fast) & (fast >= _TINY))
 
-    If `out_shape` is given, the per-leaf sums are reshaped to it and added,
-    giving one combined norm (the global norm, or one norm per example).
-    `axis_name` sums (and maxes) over a mapped axis.
-    """
-    if not leaves:
-        shape = out_shape if out_shape is not None else ()
-        return [jnp.zeros(shape, F32)]
+    def slow(x):
+        m = jnp.max(jnp.abs(x.astype(F32)), axis=axes, keepdims=True, initial=0.0)
+        if axis_name is not None:
+            m = jax.lax.pmax(m, axis_name)
+        k = _exponent(m)
+        s = _sumsq(x, axes, k)
+        if axis_name is not None:
+            s = jax.lax.psum(s, axis_name)
+        return _finish(m, s, k)
 
-    def combine(parts, op):
-        if out_shape is None:
-            return parts
-        total = parts[0].reshape(out_shape)
-        for p in parts[1:]:
-            total = op(total, p.reshape(out_shape))
-        return [total]
-
-    def reduce_axis(parts, collective):
-        return [collective(p, axis_name) for p in parts] if axis_name else parts
-
-    fast = reduce_axis(combine([_sumsq(x, a) for x, a in zip(leaves, axes)], jnp.add), jax.lax.psum)
-    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s) & (s >= _TINY)) for s in fast]))
-
-    def fast_path():
-        return [jnp.sqrt(s) for s in fast]
-
-    def slow_path():
-        m = combine([_maxabs(x, a) for x, a in zip(leaves, axes)], jnp.maximum)
-        m = reduce_axis(m, jax.lax.pmax)
-        if out_shape is None:
-            scales = [_pow2_scale(mi) for mi in m]
-        else:
-            shared = _pow2_scale(m[0])
-            shapes = [_keepdims_shape(x.shape, a) for x, a in zip(leaves, axes)]
-            scales = [(shared[0].reshape(sh), shared[1].reshape(sh)) for sh in shapes]
-        s = combine([_sumsq(x, a, sc) for x, a, sc in zip(leaves, axes, scales)], jnp.add)
-        s = reduce_axis(s, jax.lax.psum)
-        return [_finish(mi, si) for mi, si in zip(m, s)]
-
-    return jax.lax.cond(ok, fast_path, slow_path)
+    # Both branches take `x` as the one operand, so XLA adds no copy of it.
+    return jax.lax.cond(ok, lambda _: jnp.sqrt(fast), slow, x)
 
 
-def _keepdims_shape(shape: tuple[int, ...], axes: Axes) -> tuple[int, ...]:
-    return tuple(1 if i in axes else d for i, d in enumerate(shape))
+def _l2_axis0(stacked: jax.Array) -> jax.Array:
+    """L2 norm along axis 0 of an array of norms, overflow-safe (no pass over the data)."""
+    m = jnp.max(stacked, axis=0, keepdims=True, initial=0.0)  # NaN propagates, inf dominates
+    k = _exponent(m)
+    s = jnp.sum(jnp.square(stacked * _pow2(-k)), axis=0, keepdims=True)
+    return _finish(m, s, k)[0]
 
 
 def _all_axes(x: jax.Array) -> Axes:
@@ -130,22 +103,25 @@ def global_norm(tree, axis_name: str | None = None) -> jax.Array:
         disjoint shard of `tree`, the mapped axis to sum the squares over.
 
     Returns:
-      A float32 scalar; finite and correct for any finite input.
+      A float32 scalar; finite and correct for any finite input whose norm
+      float32 can hold.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip
+      >>> print(f'{float(optaxclip.global_norm({"a": jnp.array([3e30, 4e30])})):.4g}')
+      5e+30
     """
-    leaves = jax.tree.leaves(tree)
-    return _norms(leaves, [_all_axes(x) for x in leaves], (), axis_name)[0]
+    return combine_norms(jax.tree.leaves(leaf_norms(tree, axis_name)))
 
 
 def leaf_norms(tree, axis_name: str | None = None):
     """L2 norm of each leaf of `tree`: a pytree of float32 scalars."""
-    leaves, treedef = jax.tree.flatten(tree)
-    norms = _norms(leaves, [_all_axes(x) for x in leaves], None, axis_name)
-    return treedef.unflatten([n.reshape(()) for n in norms]) if leaves else tree
+    return jax.tree.map(lambda x: _leaf_norm(x, _all_axes(x), axis_name).reshape(()), tree)
 
 
 def unit_norms(leaves: Sequence[jax.Array], axes: Sequence[Axes]) -> list[jax.Array]:
     """Norms of each leaf over its reduced `axes`, dims kept (unit-wise norms)."""
-    return _norms(list(leaves), list(axes), None, None) if leaves else []
+    return [_leaf_norm(x, a, None) for x, a in zip(leaves, axes, strict=True)]
 
 
 def batch_global_norms(tree) -> jax.Array:
@@ -154,7 +130,8 @@ def batch_global_norms(tree) -> jax.Array:
     if not leaves:
         return jnp.zeros((0,), F32)
     batch = leaves[0].shape[0]
-    return _norms(leaves, [_all_axes(x)[1:] for x in leaves], (batch,), None)[0]
+    norms = [_leaf_norm(x, _all_axes(x)[1:], None).reshape(batch) for x in leaves]
+    return _l2_axis0(jnp.stack(norms))
 
 
 def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
@@ -163,11 +140,8 @@ def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
     This turns per-leaf or per-unit norms into a global norm without reading
     the data again.
     """
-    if not norms:
-        return jnp.zeros((), F32)
-    m = jnp.max(jnp.stack([jnp.max(n, initial=0.0) for n in norms]))
-    s = sum(jnp.sum(_sumsq(n, _all_axes(n), _pow2_scale(m))) for n in norms)
-    return _finish(m, s)  # a NaN norm makes `m` NaN, an inf one makes it inf
+    flat = [jnp.reshape(n, (-1,)).astype(F32) for n in norms]
+    return _l2_axis0(jnp.concatenate(flat) if flat else jnp.zeros((0,), F32))
 
 
 def scale_factor(norm: jax.Array, bound: jax.Array) -> jax.Array:
@@ -185,4 +159,3 @@ def scale_factor(norm: jax.Array, bound: jax.Array) -> jax.Array:
 def scale(x: jax.Array, factor: jax.Array) -> jax.Array:
     """`x * factor` computed in float32, returned in `x`'s dtype (fuses elementwise)."""
     return (x.astype(F32) * factor).astype(x.dtype)
-

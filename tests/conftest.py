@@ -6,6 +6,9 @@ import numpy as np
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Run in a subprocess by test_sharding.py (needs 8 host devices), not imported here.
+collect_ignore = ["_sharded_script.py"]
+
 # Output precision of each dtype, for comparing against float64 references.
 RTOL = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1.6e-2}
 
@@ -38,7 +41,7 @@ def assert_close_to_reference(out, ref):
     out_leaves = jax.tree.leaves(out)
     ref_leaves = jax.tree.leaves(ref)
     assert len(out_leaves) == len(ref_leaves)
-    for o, r in zip(out_leaves, ref_leaves):
+    for o, r in zip(out_leaves, ref_leaves, strict=True):
         rtol = RTOL[jnp.dtype(o.dtype).type]
         atol = rtol * max(float(np.max(np.abs(r), initial=0.0)), 1e-30)
         np.testing.assert_allclose(np.asarray(o, np.float64), r, rtol=rtol, atol=atol)

@@ -66,7 +66,13 @@ class ClipByGlobalNormTest(chex.TestCase):
                 optaxclip.clip_by_global_norm(bad)
 
     @given(
-        x=hnp.arrays(np.float32, (7,), elements=st.floats(-1.0000000150474662e30, 1.0000000150474662e30, width=32, allow_subnormal=False)),
+        x=hnp.arrays(
+            np.float32,
+            (7,),
+            elements=st.floats(
+                -1.0000000150474662e30, 1.0000000150474662e30, width=32, allow_subnormal=False
+            ),
+        ),
         max_norm=st.floats(1e-3, 1e3),
     )
     @settings(max_examples=25, deadline=None)
@@ -101,7 +107,9 @@ class ClipByLeafNormTest(chex.TestCase):
         expected = ref.clip_leaf(grads, expected_bounds)
         assert_close_to_reference(out, expected)
         np.testing.assert_allclose(float(state.pre_clip_norm), ref.global_norm(grads), rtol=1e-6)
-        np.testing.assert_allclose(float(state.post_clip_norm), ref.global_norm(expected), rtol=1e-5)
+        np.testing.assert_allclose(
+            float(state.post_clip_norm), ref.global_norm(expected), rtol=1e-5
+        )
         bound_norm = np.sqrt(sum(b**2 for b in jax.tree.leaves(expected_bounds)))
         np.testing.assert_allclose(float(state.threshold), bound_norm, rtol=1e-6)
         self.assertTrue(bool(state.clipped))
@@ -218,7 +226,7 @@ def test_nonfinite_never_made_finite_and_counted(name):
     params = jax.tree.map(jnp.ones_like, grads)
     tx = factory(0.5)
     out, state = jax.jit(tx.update)(grads, tx.init(params), params)
-    for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+    for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads), strict=True):
         bad = ~np.isfinite(np.asarray(g, np.float64))
         assert not np.any(np.isfinite(np.asarray(o, np.float64)[bad]))
     assert int(optaxclip.stats(state).nonfinite_count) == 1
@@ -260,7 +268,9 @@ def test_in_chain_multisteps_and_vmap(name):
     assert int(optaxclip.stats(ms_state).step_count) == 0
     ms_out, ms_state = ms.update(g2, ms_state, params)
     mean = jax.tree.map(lambda a, b: ((a.astype(jnp.float32) + b) / 2).astype(a.dtype), grads, g2)
-    direct, _ = optax.chain(clip, optax.sgd(1.0)).update(mean, ms.init(params).inner_opt_state, params)
+    direct, _ = optax.chain(clip, optax.sgd(1.0)).update(
+        mean, ms.init(params).inner_opt_state, params
+    )
     chex.assert_trees_all_close(ms_out, direct, rtol=2e-2)
     assert int(optaxclip.stats(ms_state).step_count) == 1
     # vmap over independent states and gradients (different norms per row).
@@ -270,7 +280,7 @@ def test_in_chain_multisteps_and_vmap(name):
     sb = jax.vmap(clip.init)(pb)
     ob, sb = jax.vmap(clip.update)(gb, sb, pb)
     for i in range(k):
-        gi = jax.tree.map(lambda x: x[i], gb)
+        gi = jax.tree.map(lambda x, i=i: x[i], gb)
         oi, si = clip.update(gi, clip.init(params), params)
-        chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], ob), oi, rtol=1e-6)
+        chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], ob), oi, rtol=1e-6)
         np.testing.assert_allclose(float(sb.pre_clip_norm[i]), float(si.pre_clip_norm), rtol=1e-6)

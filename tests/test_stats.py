@@ -87,6 +87,20 @@ def test_counters_saturate_not_wrap():
     from optaxclip import _stats
 
     st = _stats.init_stats()._replace(step_count=jnp.int32(2**31 - 1))
-    st = _stats.record(st, pre_clip_norm=jnp.float32(1), post_clip_norm=jnp.float32(1),
-                       threshold=jnp.float32(1), clipped=False)
+    st = _stats.record(
+        st,
+        pre_clip_norm=jnp.float32(1),
+        post_clip_norm=jnp.float32(1),
+        threshold=jnp.float32(1),
+        clipped=False,
+    )
     chex.assert_trees_all_equal(st.step_count, jnp.int32(2**31 - 1))
+
+
+def test_state_can_be_donated_in_a_jitted_step():
+    tx = optax.chain(optaxclip.clip_by_global_norm(1.0), optax.adam(1e-3))
+    params = {"w": jnp.ones(2), "s": jnp.float32(1.0)}
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p), donate_argnums=(0, 1))
+    updates, state = step(params, state, {"w": jnp.array([3.0, 4.0]), "s": jnp.float32(0.0)})
+    assert float(optaxclip.stats(state).pre_clip_norm) == 5.0
