@@ -69,17 +69,21 @@ def fused_clip_adam(max_norm=1.0, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
 
 
 def read_pass_adam():
-    """The floor: adam plus one read of the gradients (a sum of squares it returns)."""
+    """The floor: adam plus one read of the gradients (their sum of squares, kept as state)."""
     adam = optax.adam(1e-3)
 
-    def update(g, state, params=None):
-        upd, state = adam.update(g, state, params)
-        sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(g))
-        return upd, (state, sq)
+    def init(params):
+        return adam.init(params), jnp.zeros((), jnp.float32)
 
-    return optax.GradientTransformation(
-        lambda p: (adam.init(p), jnp.zeros(())), lambda g, s, p=None: update(g, s[0], p)
-    )
+    def update(g, state, params=None):
+        sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(g))
+        # The barrier keeps XLA from fusing the read into adam's loops, which makes
+        # it materialize a gradient-sized buffer (as optax's chain does).
+        sq, g = jax.lax.optimization_barrier((sq, g))
+        upd, inner = adam.update(g, state[0], params)
+        return upd, (inner, sq)
+
+    return optax.GradientTransformation(init, update)
 
 
 VARIANTS = {
