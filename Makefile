@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format compare bench-global clean
+.PHONY: demo test format compare bench-step clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,9 @@ test: $(VENV)/.installed-dev,examples,dp
 compare: $(VENV)/.installed-dev
 	$(PY) scripts/compare_optax.py
 
-# Global-norm clip + adam against adam alone and a hand-fused clip + adam.
-bench-global: $(VENV)/.installed-dev
-	$(PY) benchmarks/global_norm_step.py
+# Each clip chained before adam, against adam alone, the floor, a hand-fused clip + adam, optax.
+bench-step: $(VENV)/.installed-dev
+	$(PY) benchmarks/update_step.py
 
 format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .

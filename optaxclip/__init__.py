@@ -5,6 +5,12 @@ Every transform is an `optax.GradientTransformation` whose state holds a
 with `optaxclip.stats(opt_state)` or `optaxclip.metrics(opt_state)`.
 """
 
+from ._adaptive import AdaptiveClipState as AdaptiveClipState
+from ._adaptive import SkipSpikesState as SkipSpikesState
+from ._adaptive import ZScoreClipState as ZScoreClipState
+from ._adaptive import adaptive_clip as adaptive_clip
+from ._adaptive import skip_spikes as skip_spikes
+from ._adaptive import zscore_clip as zscore_clip
 from ._agc import adaptive_grad_clip as adaptive_grad_clip
 from ._agc import flax_unit_axes as flax_unit_axes
 from ._basic import clip_by_global_norm as clip_by_global_norm
@@ -18,7 +24,13 @@ from ._tree import global_norm as global_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveClipState",
     "ClipStats",
+    "SkipSpikesState",
+    "ZScoreClipState",
+    "adaptive_clip",
+    "skip_spikes",
+    "zscore_clip",
     "adaptive_grad_clip",
     "clip_by_global_norm",
     "clip_by_leaf_norm",

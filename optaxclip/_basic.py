@@ -60,19 +60,28 @@ def clip_by_global_norm(
     def update_fn(updates, state, params=None):
         del params
         norm = _tree.global_norm(updates, axis_name)
-        bound = jnp.asarray(max_norm, F32)
-        factor = _tree.scale_factor(norm, bound)
-        clipped = jax.tree.map(lambda g: _tree.scale(g, factor), updates)
-        stats = _stats.record(
-            state,
-            pre_clip_norm=norm,
-            post_clip_norm=norm * factor,
-            threshold=bound,
-            clipped=factor < 1,
-        )
-        return clipped, stats
+        return clip_to_bound(updates, state, norm, jnp.asarray(max_norm, F32))
 
     return optax.GradientTransformation(_stats.init_fn, update_fn)
+
+
+def clip_to_bound(updates, stats: _stats.ClipStats, norm: jax.Array, bound: jax.Array):
+    """Scales `updates` (global norm `norm`) to norm <= `bound`; returns them and new stats.
+
+    The one global-norm clip step that `clip_by_global_norm` and the adaptive
+    transforms share: a multiply by `min(1, bound / norm)` that fuses into
+    the next elementwise pass.
+    """
+    factor = _tree.scale_factor(norm, bound)
+    clipped = jax.tree.map(lambda g: _tree.scale(g, factor), updates)
+    stats = _stats.record(
+        stats,
+        pre_clip_norm=norm,
+        post_clip_norm=norm * factor,
+        threshold=bound,
+        clipped=factor < 1,
+    )
+    return clipped, stats
 
 
 def _leaf_bounds(fn: str, max_norm: MaxNorm, updates: Any) -> list[jax.Array]:

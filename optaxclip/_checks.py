@@ -38,3 +38,26 @@ def params_given(fn: str, params: Any) -> None:
         raise ValueError(
             f"{fn}: `params` must be passed to update(updates, state, params), got params=None."
         )
+
+
+def in_range(fn: str, name: str, value: Any, lo: float, hi: float, *, lo_open: bool, hi_open: bool):
+    """Raises unless `lo < value` (or `<=`) and `value < hi` (or `<=`); arrays pass."""
+    if isinstance(value, bool) or not _is_number(value):
+        return
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{fn}: `{name}` must be in {interval}, got {name}={value!r}.")
+
+
+def integer_at_least(fn: str, name: str, value: Any, lo: int) -> None:
+    """Raises unless `value` is an int >= `lo`; arrays pass."""
+    if isinstance(value, bool) or (_is_number(value) and (int(value) != value or value < lo)):
+        raise ValueError(f"{fn}: `{name}` must be an integer >= {lo}, got {name}={value!r}.")
+
+
+def one_of(fn: str, name: str, value: Any, options: tuple[str, ...]) -> None:
+    """Raises unless `value` is one of `options`."""
+    if value not in options:
+        raise ValueError(f"{fn}: `{name}` must be one of {options}, got {name}={value!r}.")

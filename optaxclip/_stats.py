@@ -88,10 +88,31 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
-def _find(opt_state: Any) -> dict[str, ClipStats]:
-    is_stats = lambda x: isinstance(x, ClipStats)
-    found, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_stats)
-    return {_path_str(path): leaf for path, leaf in found if is_stats(leaf)}
+def _owns_stats(x: Any) -> bool:
+    """A transform's own state NamedTuple: a `stats` field holding its `ClipStats`."""
+    return isinstance(x, tuple) and isinstance(getattr(x, "stats", None), ClipStats)
+
+
+def _find(opt_state: Any, prefix: str = "") -> dict[str, tuple[ClipStats, dict[str, Any]]]:
+    """Each `ClipStats` in the state by path, with its owner's other scalar fields."""
+    is_leaf = lambda x: isinstance(x, ClipStats) or _owns_stats(x)
+    found, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_leaf)
+    out = {}
+    for path, node in found:
+        where = "/".join(p for p in (prefix, _path_str(path)) if p)
+        if isinstance(node, ClipStats):
+            out[where] = (node, {})
+        elif _owns_stats(node):
+            extras = {}
+            for name, value in node._asdict().items():
+                if name == "stats":
+                    continue
+                if isinstance(value, jax.Array) and value.ndim == 0:
+                    extras[name] = value
+                elif not isinstance(value, jax.Array):  # a wrapped inner state
+                    out.update(_find(value, "/".join(p for p in (where, name) if p)))
+            out[where] = (node.stats, extras)
+    return out
 
 
 def stats(opt_state: Any) -> ClipStats | dict[str, ClipStats]:
@@ -127,16 +148,18 @@ def stats(opt_state: Any) -> ClipStats | dict[str, ClipStats]:
             "is an optaxclip transform in the chain?"
         )
     if len(found) == 1:
-        return next(iter(found.values()))
-    return found
+        return next(iter(found.values()))[0]
+    return {path: st for path, (st, _) in found.items()}
 
 
 def metrics(opt_state: Any) -> dict[str, jax.Array]:
     """The `ClipStats` in `opt_state` as a flat `dict[str, scalar]` for a logger.
 
     Keys are the field names (`"pre_clip_norm"`, ...) when the state holds
-    one `ClipStats`, and `"<path>/<field>"` when it holds several. Also works
-    inside `jax.jit`.
+    one `ClipStats`, and `"<path>/<field>"` when it holds several. The
+    scalar fields a transform keeps beside its `ClipStats` (such as
+    `adaptive_clip`'s `quantile_estimate`) are included the same way. Also
+    works inside `jax.jit`.
 
     Args:
       opt_state: An optimizer state.
@@ -158,7 +181,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
         stats(opt_state)  # raises the error
     single = len(found) == 1
     out = {}
-    for path, st in found.items():
-        for field, value in st._asdict().items():
+    for path, (st, extras) in found.items():
+        for field, value in {**st._asdict(), **extras}.items():
             out[field if single else f"{path}/{field}"] = value
     return out

@@ -26,11 +26,15 @@ for name, tx in [
     ("leaf", optaxclip.clip_by_leaf_norm(1.0)),
     ("value", optaxclip.clip_by_value(0.5)),
     ("agc", optaxclip.adaptive_grad_clip(0.01)),
+    ("adaptive", optaxclip.adaptive_clip(window=8, warmup_steps=0, initial_max_norm=1.0)),
+    ("zscore", optaxclip.zscore_clip(warmup_steps=1)),
 ]:
     chain = optax.chain(tx, optax.adam(1e-3))
     step = jax.jit(chain.update)
-    out_s, st_s = step(shard(grads), chain.init(shard(params)), shard(params))
-    out_u, st_u = step(grads, chain.init(params), params)
+    st_s, st_u = chain.init(shard(params)), chain.init(params)
+    for _ in range(3):  # a few steps, so adaptive histories are used
+        out_s, st_s = step(shard(grads), st_s, shard(params))
+        out_u, st_u = step(grads, st_u, params)
     assert out_s["w"].sharding.spec[0] == "x", (name, out_s["w"].sharding)  # stays sharded
     for a, b in zip(jax.tree.leaves(out_s), jax.tree.leaves(out_u), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5)

@@ -16,5 +16,5 @@ def test_sharded_norms_and_updates_match_unsharded():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SHARDING OK" in proc.stdout
-    for name in ("global", "leaf", "value", "agc"):
+    for name in ("global", "leaf", "value", "agc", "adaptive", "zscore"):
         assert f"{name} sharded == unsharded" in proc.stdout

@@ -1,0 +1,477 @@
+"""Adaptive clipping: rolling-quantile `adaptive_clip`, z-score `zscore_clip`, `skip_spikes`.
+
+All three keep their norm history as jnp arrays in the optimizer state, so
+they run inside `jax.jit` with no host sync, vmap over independent states,
+and checkpoint/restore like any optax state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import _checks, _stats, _tree
+from ._basic import clip_to_bound
+
+F32 = jnp.float32
+I32 = jnp.int32
+
+
+class AdaptiveClipState(NamedTuple):
+    """State of `adaptive_clip`.
+
+    Attributes:
+      stats: The `ClipStats`.
+      norm_history: float32 `[window]` ring buffer of recent finite norms
+        (`[0]` with `estimator="streaming"`).
+      history_index: int32 `[]`, where the next norm is written.
+      finite_norm_count: int32 `[]`, finite norms recorded so far (saturates).
+      quantile_estimate: float32 `[]`, the estimated quantile the next step's
+        threshold is built from (inf until a norm was recorded).
+    """
+
+    stats: _stats.ClipStats
+    norm_history: jax.Array
+    history_index: jax.Array
+    finite_norm_count: jax.Array
+    quantile_estimate: jax.Array
+
+
+def _window_quantile(history: jax.Array, size: jax.Array, q: jax.Array) -> jax.Array:
+    """Exact `q`-quantile (linear interpolation, as `np.quantile`) of `history[:size]`."""
+    window = history.shape[0]
+    valid = jnp.arange(window) < size
+    ordered = jnp.sort(jnp.where(valid, history, jnp.inf))
+    pos = q * (jnp.maximum(size, 1) - 1).astype(F32)
+    lo = jnp.floor(pos).astype(I32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(size - 1, 0))
+    a, b = ordered[lo], ordered[hi]
+    value = a + (pos - lo.astype(F32)) * jnp.where(hi > lo, b - a, 0.0)
+    return jnp.where(size > 0, value, jnp.inf)
+
+
+def _push(history: jax.Array, index: jax.Array, value: jax.Array, keep: jax.Array):
+    """Writes `value` at `index` of the ring buffer if `keep`; returns (history, index)."""
+    window = history.shape[0]
+    written = history.at[index % window].set(value)
+    return jnp.where(keep, written, history), jnp.where(keep, (index + 1) % window, index)
+
+
+def _bump(count: jax.Array, flag: jax.Array) -> jax.Array:
+    return jnp.where(flag & (count < jnp.iinfo(I32).max), count + 1, count).astype(I32)
+
+
+def adaptive_clip(
+    quantile: jax.typing.ArrayLike = 0.9,
+    window: int = 1000,
+    *,
+    warmup_steps: int = 10,
+    initial_max_norm: jax.typing.ArrayLike | None = None,
+    max_norm: jax.typing.ArrayLike | None = None,
+    multiplier: jax.typing.ArrayLike = 1.0,
+    record_clipped: bool = False,
+    estimator: str = "window",
+    streaming_lr: jax.typing.ArrayLike = 0.01,
+    axis_name: str | None = None,
+) -> optax.GradientTransformation:
+    """Rolling-quantile adaptive clipping (AutoClip): threshold = a quantile of recent norms.
+
+    Each step, the global norm is clipped to
+    `min(multiplier * q_hat, max_norm)`, where `q_hat` is the `quantile` of
+    the finite global norms of earlier steps; then this step's norm is
+    recorded. With `estimator="window"` (default) `q_hat` is the exact
+    quantile (linear interpolation) of the last `window` norms, kept in a
+    ring buffer in the state; it uses all recorded norms while fewer than
+    `window` exist, so with defaults the clip protects training from step
+    `warmup_steps` on (a 1000x norm at step 100 is clipped to about the 0.9
+    quantile of the first 99). With `estimator="streaming"`, `q_hat` is an
+    O(1)-memory estimate: the running maximum during warm-up, then the
+    geometric update of Andrew et al. 2021,
+    `q_hat <- q_hat * exp(-streaming_lr * (1[norm <= q_hat] - quantile))`,
+    whose fixed point is the `quantile` of the norm distribution and which
+    moves by at most a factor `exp(streaming_lr)` per step.
+
+    Args:
+      quantile: Which quantile of recent norms is the threshold, in (0, 1].
+        Schedulable.
+      window: Number of recent norms kept (window estimator), >= 1. Fixed
+        at `init` (the buffer size); a value injected later is ignored.
+      warmup_steps: Number of finite norms to record before clipping starts,
+        >= 0. Before that, `initial_max_norm` is used if given, else no
+        clipping (threshold +inf).
+      initial_max_norm: Optional fixed threshold during warm-up; > 0.
+      max_norm: Optional hard ceiling on the threshold; > 0.
+      multiplier: Scale on the quantile (e.g. 1.5 clips only norms well
+        above the usual range); > 0. Schedulable.
+      record_clipped: Record the clipped norm instead of the raw one. The
+        default (False) records raw norms, so the threshold follows a real
+        upward drift of the norms: a quantile < 1 of norms capped at the
+        threshold can never rise, so recording clipped norms ratchets the
+        threshold down. A single spike moves a windowed quantile by one rank
+        at most.
+      estimator: `"window"` (exact, `window` floats of state) or
+        `"streaming"` (O(1) state, for very long horizons).
+      streaming_lr: Step size of the streaming estimator, > 0.
+      axis_name: Inside `shard_map`/`pmap`, when each device holds a
+        disjoint shard of the updates, the axis to take the norm over.
+
+    Returns:
+      An `optax.GradientTransformation` whose state is an
+      `AdaptiveClipState`; its `stats.threshold` is the bound used this step
+      (inf while warming up with no `initial_max_norm`), and `metrics()`
+      also reports `quantile_estimate` and `finite_norm_count`.
+
+    Edge cases:
+      Non-finite norms are never recorded and pass through unscaled (counted
+      in `nonfinite_count`). Inside `optax.MultiSteps`, the history advances
+      once per real (accumulated) update. A zero gradient stays zero.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip
+      >>> tx = optaxclip.adaptive_clip(quantile=0.5, window=4, warmup_steps=3)
+      >>> state = tx.init(None)
+      >>> for n in [1.0, 2.0, 3.0, 100.0]:
+      ...     out, state = tx.update(jnp.array([n]), state)
+      >>> print(float(out[0]), float(state.stats.threshold))  # median of 1, 2, 3
+      2.0 2.0
+
+    References:
+      Seetharaman et al., AutoClip: Adaptive Gradient Clipping for Source
+      Separation Networks, 2020. https://arxiv.org/abs/2007.14469
+      Andrew et al., Differentially Private Learning with Adaptive Clipping,
+      2021 (geometric quantile update). https://arxiv.org/abs/1905.03871
+    """
+    fn = "adaptive_clip"
+    _checks.in_range(fn, "quantile", quantile, 0.0, 1.0, lo_open=True, hi_open=False)
+    _checks.integer_at_least(fn, "window", window, 1)
+    _checks.integer_at_least(fn, "warmup_steps", warmup_steps, 0)
+    _checks.positive(fn, "multiplier", multiplier)
+    _checks.positive(fn, "streaming_lr", streaming_lr)
+    for name, value in (("initial_max_norm", initial_max_norm), ("max_norm", max_norm)):
+        if value is not None:
+            _checks.positive(fn, name, value)
+    _checks.one_of(fn, "estimator", estimator, ("window", "streaming"))
+
+    def init_fn(params):
+        del params
+        size = int(window) if estimator == "window" else 0
+        return AdaptiveClipState(
+            stats=_stats.init_stats(),
+            norm_history=jnp.zeros((size,), F32),
+            history_index=jnp.zeros((), I32),
+            finite_norm_count=jnp.zeros((), I32),
+            quantile_estimate=jnp.full((), jnp.inf, F32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = _tree.global_norm(updates, axis_name)
+        count = state.finite_norm_count
+        warm = count >= jnp.asarray(warmup_steps, I32)
+        bound = jnp.asarray(multiplier, F32) * state.quantile_estimate
+        if max_norm is not None:
+            bound = jnp.minimum(bound, jnp.asarray(max_norm, F32))
+        fallback = jnp.inf if initial_max_norm is None else jnp.asarray(initial_max_norm, F32)
+        bound = jnp.where(warm, bound, fallback)
+        out, stats = clip_to_bound(updates, state.stats, norm, bound)
+
+        finite = jnp.isfinite(norm)
+        value = jnp.where(jnp.asarray(record_clipped), stats.post_clip_norm, norm)
+        q = jnp.asarray(quantile, F32)
+        new_count = _bump(count, finite)
+        if estimator == "window":
+            history, index = _push(state.norm_history, state.history_index, value, finite)
+            size = jnp.minimum(new_count, history.shape[0])
+            estimate = _window_quantile(history, size, q)
+        else:
+            history, index = state.norm_history, state.history_index
+            old = state.quantile_estimate
+            below = (value <= old).astype(F32)
+            geometric = old * jnp.exp(-jnp.asarray(streaming_lr, F32) * (below - q))
+            running_max = jnp.where(count > 0, jnp.maximum(old, value), value)
+            estimate = jnp.where(
+                new_count <= jnp.asarray(warmup_steps, I32), running_max, geometric
+            )
+            estimate = jnp.where(finite, estimate, old)
+        return out, AdaptiveClipState(stats, history, index, new_count, estimate)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ZScoreClipState(NamedTuple):
+    """State of `zscore_clip`.
+
+    Attributes:
+      stats: The `ClipStats`.
+      norm_ema_mean: float32 `[]`, EMA of the (clipped) global norm; during
+        warm-up the plain mean of the norms so far.
+      norm_ema_var: float32 `[]`, EMA variance likewise.
+      finite_norm_count: int32 `[]`, finite norms seen (saturates).
+    """
+
+    stats: _stats.ClipStats
+    norm_ema_mean: jax.Array
+    norm_ema_var: jax.Array
+    finite_norm_count: jax.Array
+
+
+def zscore_clip(
+    z_threshold: jax.typing.ArrayLike = 2.5,
+    ema_decay: jax.typing.ArrayLike = 0.97,
+    warmup_steps: int = 25,
+    *,
+    mode: str = "reciprocal",
+    max_norm: jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-6,
+    axis_name: str | None = None,
+) -> optax.GradientTransformation:
+    """Z-score spike clipping (ZClip): clip norms far above their EMA.
+
+    Keeps an exponential moving average `mu` and variance `var` of the
+    global norm `g` (`sigma = sqrt(var)`). After `warmup_steps` finite norms
+    (whose plain mean and variance initialize the EMA), a step with z-score
+    `z = (g - mu) / (sigma + eps) > z_threshold` is clipped to
+    `mu + z_threshold**2 * sigma / z` (`mode="reciprocal"`, the paper's
+    default: the larger the spike, the harder it is clipped) or to `mu`
+    (`mode="mean"`); the EMA is then updated with the clipped norm:
+    `mu <- d * mu + (1 - d) * g'`, `var <- d * var + (1 - d) * (g' - mu)**2`.
+    There is no hidden fixed ceiling (the reference implementation's
+    default `max_grad_norm=1.0` clips every norm above 1); pass `max_norm`
+    for one.
+
+    Args:
+      z_threshold: z-score above which a norm is a spike; > 0. Schedulable.
+      ema_decay: EMA decay `d`, in [0, 1). Schedulable.
+      warmup_steps: Finite norms used to initialize the EMA before clipping
+        starts; >= 1.
+      mode: `"reciprocal"` or `"mean"`, the clip target for a spike.
+      max_norm: Optional hard ceiling on the threshold; > 0.
+      eps: Added to `sigma` in the z-score; > 0.
+      axis_name: Inside `shard_map`/`pmap`, when each device holds a
+        disjoint shard of the updates, the axis to take the norm over.
+
+    Returns:
+      An `optax.GradientTransformation` whose state is a `ZScoreClipState`.
+      `stats.threshold` is the clip target on a spike step and otherwise the
+      spike boundary `mu + z_threshold * sigma` (inf during warm-up, or
+      `max_norm`); `metrics()` also reports `norm_ema_mean`, `norm_ema_var`.
+
+    Edge cases:
+      Ordinary steps pass through bit for bit (scaled by exactly 1). Non-finite
+      norms never enter the EMA and pass through unscaled. Inside
+      `optax.MultiSteps`, the EMA advances once per real update.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip
+      >>> tx = optaxclip.zscore_clip(warmup_steps=4)
+      >>> state = tx.init(None)
+      >>> for n in [1.0, 1.2, 0.8, 1.0, 50.0]:
+      ...     out, state = tx.update(jnp.array([n]), state)
+      >>> print(f"{float(out[0]):.3f} clipped={bool(state.stats.clipped)}")
+      1.003 clipped=True
+
+    References:
+      Kumar et al., ZClip: Adaptive Spike Mitigation for LLM Pre-Training,
+      2025. https://arxiv.org/abs/2504.02507
+    """
+    fn = "zscore_clip"
+    _checks.positive(fn, "z_threshold", z_threshold)
+    _checks.in_range(fn, "ema_decay", ema_decay, 0.0, 1.0, lo_open=False, hi_open=True)
+    _checks.integer_at_least(fn, "warmup_steps", warmup_steps, 1)
+    _checks.one_of(fn, "mode", mode, ("reciprocal", "mean"))
+    _checks.positive(fn, "eps", eps)
+    if max_norm is not None:
+        _checks.positive(fn, "max_norm", max_norm)
+
+    def init_fn(params):
+        del params
+        zero = lambda: jnp.zeros((), F32)  # separate buffers: state may be donated
+        return ZScoreClipState(_stats.init_stats(), zero(), zero(), jnp.zeros((), I32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = _tree.global_norm(updates, axis_name)
+        zt, d = jnp.asarray(z_threshold, F32), jnp.asarray(ema_decay, F32)
+        mu, var, count = state.norm_ema_mean, state.norm_ema_var, state.finite_norm_count
+        warm = count >= jnp.asarray(warmup_steps, I32)
+        sigma = jnp.sqrt(var)
+        z = (norm - mu) / (sigma + jnp.asarray(eps, F32))
+        spike = warm & jnp.isfinite(norm) & (z > zt)
+        if mode == "reciprocal":
+            target = mu + zt * zt * sigma / jnp.where(spike, z, 1.0)
+        else:
+            target = mu
+        bound = jnp.where(spike, target, jnp.where(warm, mu + zt * sigma, jnp.inf))
+        if max_norm is not None:
+            bound = jnp.minimum(bound, jnp.asarray(max_norm, F32))
+        out, stats = clip_to_bound(updates, state.stats, norm, bound)
+
+        finite = jnp.isfinite(norm)
+        g = stats.post_clip_norm
+        # Warm-up: running (population) mean and variance of the norms so far.
+        n = (count + 1).astype(F32)
+        w_mu = mu + (g - mu) / n
+        w_var = var + ((g - mu) * (g - w_mu) - var) / n
+        # After warm-up: the EMA, updated with the clipped norm (mean first).
+        e_mu = d * mu + (1 - d) * g
+        e_var = d * var + (1 - d) * jnp.square(g - e_mu)
+        new_mu = jnp.where(finite, jnp.where(warm, e_mu, w_mu), mu)
+        new_var = jnp.where(finite, jnp.where(warm, e_var, w_var), var)
+        return out, ZScoreClipState(stats, new_mu, new_var, _bump(count, finite))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class SkipSpikesState(NamedTuple):
+    """State of `skip_spikes`.
+
+    Attributes:
+      stats: `ClipStats`: `clipped` is "this step was skipped", `clip_count`
+        the number of skipped steps, `threshold` the norm limit
+        `mean + sigma * std`.
+      inner_state: The wrapped transformation's state (untouched on a skip).
+      norm_history: float32 `[window]` norms of recent accepted steps.
+      loss_history: float32 `[window]` their losses (NaN where none was given).
+      history_index: int32 `[]`, where the next entry is written.
+      finite_norm_count: int32 `[]`, accepted steps recorded (saturates).
+      consecutive_skips: int32 `[]`, skips in a row up to now.
+    """
+
+    stats: _stats.ClipStats
+    inner_state: Any
+    norm_history: jax.Array
+    loss_history: jax.Array
+    history_index: jax.Array
+    finite_norm_count: jax.Array
+    consecutive_skips: jax.Array
+
+
+def _mean_std(history: jax.Array, size: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and std of the finite entries among `history[:size]`."""
+    valid = (jnp.arange(history.shape[0]) < size) & jnp.isfinite(history)
+    n = jnp.maximum(jnp.sum(valid), 1).astype(F32)
+    x = jnp.where(valid, history, 0.0)
+    mean = jnp.sum(x) / n
+    var = jnp.sum(jnp.where(valid, jnp.square(history - mean), 0.0)) / n
+    return mean, jnp.sqrt(var)
+
+
+def skip_spikes(
+    inner: optax.GradientTransformation,
+    window: int = 128,
+    sigma: jax.typing.ArrayLike = 6.0,
+    *,
+    warmup_steps: int = 20,
+    max_consecutive_skips: int = 10,
+) -> optax.GradientTransformationExtraArgs:
+    """Skips steps whose gradient norm (or loss) spikes, as OLMo, Levanter and MaxText do.
+
+    Wraps a whole chain, like `optax.apply_if_finite`. A step is a spike when
+    its global norm exceeds `mean + sigma * std` of the norms of the last
+    `window` accepted steps, or, if `loss=` is passed to `update`, its loss
+    exceeds the same bound on recent losses, or either is non-finite. A
+    spike step returns zero updates and leaves the inner state exactly as it
+    was (the inner `update` does not run); other steps are the inner chain's.
+    Spikes are not recorded, so they do not widen the bound; after
+    `max_consecutive_skips` skips in a row the next step is accepted and
+    recorded, so a lasting change of scale is let through rather than
+    stalling training.
+
+    Args:
+      inner: The transformation to wrap (typically the whole chain).
+      window: Number of recent accepted steps kept; >= 2.
+      sigma: How many standard deviations above the mean is a spike; > 0.
+      warmup_steps: Accepted steps to record before skipping starts; >= 2
+        and <= `window`.
+      max_consecutive_skips: Skips in a row after which a step is accepted;
+        >= 1.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs` whose `update` takes an
+      optional `loss=` (other extra arguments go to `inner`); its state is a
+      `SkipSpikesState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optaxclip
+      >>> tx = optaxclip.skip_spikes(optax.sgd(1.0), warmup_steps=3)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for n in [1.0, 1.1, 0.9, 1.0, 100.0]:
+      ...     out, state = tx.update(jnp.array([n]), state)
+      >>> print(float(out[0]), int(state.stats.clip_count))
+      0.0 1
+
+    References:
+      Groeneveld et al., OLMo: Accelerating the Science of Language Models,
+      2024. https://arxiv.org/abs/2402.00838
+    """
+    fn = "skip_spikes"
+    _checks.integer_at_least(fn, "window", window, 2)
+    _checks.positive(fn, "sigma", sigma)
+    _checks.integer_at_least(fn, "warmup_steps", warmup_steps, 2)
+    _checks.integer_at_least(fn, "max_consecutive_skips", max_consecutive_skips, 1)
+    if isinstance(warmup_steps, int) and isinstance(window, int) and warmup_steps > window:
+        raise ValueError(
+            f"{fn}: `warmup_steps` must be <= `window`, got warmup_steps={warmup_steps}, "
+            f"window={window}."
+        )
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return SkipSpikesState(
+            stats=_stats.init_stats(),
+            inner_state=inner.init(params),
+            norm_history=jnp.zeros((int(window),), F32),
+            loss_history=jnp.full((int(window),), jnp.nan, F32),
+            history_index=jnp.zeros((), I32),
+            finite_norm_count=jnp.zeros((), I32),
+            consecutive_skips=jnp.zeros((), I32),
+        )
+
+    def update_fn(updates, state, params=None, *, loss=None, **extra_args):
+        norm = _tree.global_norm(updates)
+        size = jnp.minimum(state.finite_norm_count, state.norm_history.shape[0])
+        warm = state.finite_norm_count >= warmup_steps
+        s = jnp.asarray(sigma, F32)
+        n_mean, n_std = _mean_std(state.norm_history, size)
+        limit = jnp.where(warm, n_mean + s * n_std, jnp.inf)
+        spike = ~jnp.isfinite(norm) | (norm > limit)
+        loss32 = jnp.full((), jnp.nan, F32) if loss is None else jnp.asarray(loss, F32)
+        if loss is not None:
+            l_mean, l_std = _mean_std(state.loss_history, size)
+            has_losses = jnp.any(jnp.isfinite(state.loss_history))
+            spike |= ~jnp.isfinite(loss32) | (warm & has_losses & (loss32 > l_mean + s * l_std))
+        skip = spike & (state.consecutive_skips < max_consecutive_skips)
+
+        def run(operands):
+            u, inner_state = operands
+            return inner.update(u, inner_state, params, **extra_args)
+
+        def skipped(operands):
+            u, inner_state = operands
+            return jax.tree.map(jnp.zeros_like, u), inner_state
+
+        out, inner_state = jax.lax.cond(skip, skipped, run, (updates, state.inner_state))
+        keep = ~skip & jnp.isfinite(norm)
+        norms, index = _push(state.norm_history, state.history_index, norm, keep)
+        losses, _ = _push(state.loss_history, state.history_index, loss32, keep)
+        stats = _stats.record(
+            state.stats,
+            pre_clip_norm=norm,
+            post_clip_norm=jnp.where(skip, 0.0, norm),
+            threshold=limit,
+            clipped=skip,
+        )
+        return out, SkipSpikesState(
+            stats=stats,
+            inner_state=inner_state,
+            norm_history=norms,
+            loss_history=losses,
+            history_index=index,
+            finite_norm_count=_bump(state.finite_norm_count, keep),
+            consecutive_skips=jnp.where(skip, state.consecutive_skips + 1, 0).astype(I32),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
