@@ -16,7 +16,7 @@ $(VENV)/.installed-%: pyproject.toml | $(PY)
 	touch $@
 
 demo: $(VENV)/.installed-examples
-	$(PY) examples/toy_clipping.py
+	$(PY) examples/lstm_exploding.py
 
 test: $(VENV)/.installed-dev,examples,dp
 	$(VENV)/bin/ruff check .

@@ -44,8 +44,7 @@ def model_tree(n_params: float, dtype=jnp.float32, seed=0):
     }
     rng = np.random.default_rng(seed)
     return {
-        k: jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.01, dtype)
-        for k, s in shapes.items()
+        k: jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.01, dtype) for k, s in shapes.items()
     }
 
 
@@ -92,9 +91,7 @@ VARIANTS = {
     "adam": lambda: optax.adam(1e-3),
     "floor (adam + read pass)": read_pass_adam,
     "fused clip+adam (hand)": fused_clip_adam,
-    "optax clip_by_global_norm+adam": lambda: optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adam(1e-3)
-    ),
+    "optax clip_by_global_norm+adam": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)),
     "optaxclip clip_by_global_norm+adam": lambda: optax.chain(
         optaxclip.clip_by_global_norm(1.0), optax.adam(1e-3)
     ),
@@ -165,9 +162,7 @@ def main():
     ap.add_argument("--sizes", default="1e6,1e7")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--inner", type=int, default=5)
-    ap.add_argument(
-        "--out", default=str(pathlib.Path(__file__).with_name("results") / "update_step.json")
-    )
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).with_name("results") / "update_step.json"))
     args = ap.parse_args()
     all_rows = []
     print(

@@ -59,10 +59,7 @@ def main():
         "clip_by_global_norm(1.0)": optax.chain(optaxclip.clip_by_global_norm(1.0), optax.sgd(LR)),
     }
     print(f"Linear regression, SGD lr={LR}, {STEPS} steps; batch {BAD_STEP} is corrupted (x1e4).\n")
-    print(
-        f"{'run':<26} {'norm@1':>10} {'norm@bad':>10} {'loss@bad+1':>12} "
-        f"{'final loss':>12} {'clips':>6}"
-    )
+    print(f"{'run':<26} {'norm@1':>10} {'norm@bad':>10} {'loss@bad+1':>12} {'final loss':>12} {'clips':>6}")
     for name, tx in runs.items():
         losses, norms, state = train(tx)
         st = optaxclip.stats(state)

@@ -16,6 +16,11 @@ from ._agc import flax_unit_axes as flax_unit_axes
 from ._basic import clip_by_global_norm as clip_by_global_norm
 from ._basic import clip_by_leaf_norm as clip_by_leaf_norm
 from ._basic import clip_by_value as clip_by_value
+from ._diagnose import Finding as Finding
+from ._diagnose import diagnose as diagnose
+from ._diagnose import format_findings as format_findings
+from ._diagnose import spike_steps as spike_steps
+from ._diagnose import suggest_threshold as suggest_threshold
 from ._stats import ClipStats as ClipStats
 from ._stats import metrics as metrics
 from ._stats import stats as stats
@@ -26,15 +31,20 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveClipState",
     "ClipStats",
+    "Finding",
     "SkipSpikesState",
     "ZScoreClipState",
     "adaptive_clip",
     "skip_spikes",
+    "spike_steps",
+    "suggest_threshold",
     "zscore_clip",
     "adaptive_grad_clip",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
     "clip_by_value",
+    "diagnose",
+    "format_findings",
     "flax_unit_axes",
     "global_norm",
     "metrics",

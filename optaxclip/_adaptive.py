@@ -192,9 +192,7 @@ def adaptive_clip(
             below = (value <= old).astype(F32)
             geometric = old * jnp.exp(-jnp.asarray(streaming_lr, F32) * (below - q))
             running_max = jnp.where(count > 0, jnp.maximum(old, value), value)
-            estimate = jnp.where(
-                new_count <= jnp.asarray(warmup_steps, I32), running_max, geometric
-            )
+            estimate = jnp.where(new_count <= jnp.asarray(warmup_steps, I32), running_max, geometric)
             estimate = jnp.where(finite, estimate, old)
         return out, AdaptiveClipState(stats, history, index, new_count, estimate)
 
@@ -414,8 +412,7 @@ def skip_spikes(
     _checks.integer_at_least(fn, "max_consecutive_skips", max_consecutive_skips, 1)
     if isinstance(warmup_steps, int) and isinstance(window, int) and warmup_steps > window:
         raise ValueError(
-            f"{fn}: `warmup_steps` must be <= `window`, got warmup_steps={warmup_steps}, "
-            f"window={window}."
+            f"{fn}: `warmup_steps` must be <= `window`, got warmup_steps={warmup_steps}, window={window}."
         )
     inner = optax.with_extra_args_support(inner)
 

@@ -107,9 +107,7 @@ def _leaf_bounds(fn: str, max_norm: MaxNorm, updates: Any) -> list[jax.Array]:
     return [jnp.asarray(b, F32) for b in bounds]
 
 
-def clip_by_leaf_norm(
-    max_norm: MaxNorm, *, axis_name: str | None = None
-) -> optax.GradientTransformation:
+def clip_by_leaf_norm(max_norm: MaxNorm, *, axis_name: str | None = None) -> optax.GradientTransformation:
     """Clips each leaf (parameter tensor) to its own L2 norm bound.
 
     Each leaf `g` becomes `g * min(1, bound / ||g||)`.

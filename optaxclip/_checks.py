@@ -35,9 +35,7 @@ def finite(fn: str, name: str, value: Any) -> None:
 def params_given(fn: str, params: Any) -> None:
     """Raises if a transform that needs `params` was called without them."""
     if params is None:
-        raise ValueError(
-            f"{fn}: `params` must be passed to update(updates, state, params), got params=None."
-        )
+        raise ValueError(f"{fn}: `params` must be passed to update(updates, state, params), got params=None.")
 
 
 def in_range(fn: str, name: str, value: Any, lo: float, hi: float, *, lo_open: bool, hi_open: bool):

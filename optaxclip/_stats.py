@@ -35,9 +35,7 @@ def init_stats() -> ClipStats:
     """A fresh `ClipStats`: zero norms and counters."""
     # One buffer per field: a shared buffer cannot be donated twice in a jitted step.
     zero = lambda dtype: jnp.zeros((), dtype)
-    return ClipStats(
-        *(zero(jnp.float32) for _ in range(3)), zero(bool), *(zero(jnp.int32) for _ in range(3))
-    )
+    return ClipStats(*(zero(jnp.float32) for _ in range(3)), zero(bool), *(zero(jnp.int32) for _ in range(3)))
 
 
 def init_fn(params: Any) -> ClipStats:

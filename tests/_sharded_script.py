@@ -56,9 +56,7 @@ for name, tx in [
     fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("x"), out_specs=(P("x"), P())))
     out, norm = fn(shard(grads))
     np.testing.assert_allclose(float(norm), float(full), rtol=1e-6)
-    plain = (
-        optaxclip.clip_by_global_norm(1.0) if name == "global" else optaxclip.clip_by_leaf_norm(1.0)
-    )
+    plain = optaxclip.clip_by_global_norm(1.0) if name == "global" else optaxclip.clip_by_leaf_norm(1.0)
     ref_out, _ = plain.update(grads, plain.init(grads))
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref_out), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5)

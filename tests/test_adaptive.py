@@ -69,9 +69,7 @@ class AdaptiveClipTest(chex.TestCase):
         new_q = np.quantile(norms[-w:], 0.9)
         assert abs(thr[-1] / new_q - 1) < 0.05  # followed the jump within two windows
         # Recording clipped norms instead ratchets: the threshold cannot rise.
-        _, thr_c, _, _ = run_stream(
-            optaxclip.adaptive_clip(0.9, window=w, record_clipped=True), norms
-        )
+        _, thr_c, _, _ = run_stream(optaxclip.adaptive_clip(0.9, window=w, record_clipped=True), norms)
         assert thr_c[-1] < 0.2 * new_q
         # A single 1000x spike moves the threshold by < 5% and is clipped.
         base = lognormal(1200, 4)
@@ -109,9 +107,7 @@ class AdaptiveClipTest(chex.TestCase):
         state = tx.init(grads)
         update = self.variant(strict(tx.update))
         for scale in (1.0, 0.5, 0.25):
-            _, state = update(
-                jax.tree.map(lambda g, s=scale: (g * s).astype(g.dtype), grads), state
-            )
+            _, state = update(jax.tree.map(lambda g, s=scale: (g * s).astype(g.dtype), grads), state)
         out, state = update(grads, state)
         norm = ref.global_norm(grads)
         bound = np.quantile([norm, norm / 2, norm / 4], 0.5)
@@ -233,8 +229,7 @@ class SkipSpikesTest(chex.TestCase):
         tx = optaxclip.skip_spikes(inner, window=16, warmup_steps=5)
         rng = np.random.default_rng(8)
         grads = [
-            {"w": jnp.asarray(rng.normal(size=3), jnp.float32), "b": jnp.float32(0.1)}
-            for _ in range(12)
+            {"w": jnp.asarray(rng.normal(size=3), jnp.float32), "b": jnp.float32(0.1)} for _ in range(12)
         ]
         grads[8] = jax.tree.map(lambda x: x * 1e3, grads[8])
         step = jax.jit(tx.update)
@@ -264,9 +259,7 @@ class SkipSpikesTest(chex.TestCase):
         assert bool(state.stats.clipped) and float(out[0]) == 0.0
 
     def test_lasting_change_is_accepted_after_max_consecutive_skips(self):
-        tx = optaxclip.skip_spikes(
-            optax.sgd(1.0), window=8, warmup_steps=4, max_consecutive_skips=3
-        )
+        tx = optaxclip.skip_spikes(optax.sgd(1.0), window=8, warmup_steps=4, max_consecutive_skips=3)
         norms = [1.0, 1.1, 0.9, 1.0, 1.05] + [100.0] * 6
         outs, _, clipped, _ = run_stream(tx, norms)
         # The accepted 100 is recorded, so the bound widens and the new regime passes.
@@ -289,9 +282,7 @@ class SkipSpikesTest(chex.TestCase):
 
 ADAPTIVE = {
     "adaptive": lambda: optaxclip.adaptive_clip(0.9, window=16, warmup_steps=3),
-    "streaming": lambda: optaxclip.adaptive_clip(
-        0.9, window=16, warmup_steps=3, estimator="streaming"
-    ),
+    "streaming": lambda: optaxclip.adaptive_clip(0.9, window=16, warmup_steps=3, estimator="streaming"),
     "zscore": lambda: optaxclip.zscore_clip(warmup_steps=3),
     "skip": lambda: optaxclip.skip_spikes(optax.adam(1e-2), window=16, warmup_steps=3),
 }
@@ -311,8 +302,7 @@ def test_checkpoint_resume_is_bit_identical(name, tmp_path):
     tx = ADAPTIVE[name]() if name == "skip" else optax.chain(ADAPTIVE[name](), optax.adam(1e-2))
     rng = np.random.default_rng(9)
     grads = [
-        {"w": jnp.asarray(rng.normal(size=(3, 2)) * (50 if i == 12 else 1), jnp.float32)}
-        for i in range(20)
+        {"w": jnp.asarray(rng.normal(size=(3, 2)) * (50 if i == 12 else 1), jnp.float32)} for i in range(20)
     ]
     params = {"w": jnp.zeros((3, 2))}
     p_full, s_full = _train(tx, params, grads)
@@ -342,9 +332,7 @@ def test_vmap_over_independent_states(name):
         for t in range(steps):
             out, state = tx.update(g[t, i], state, params[i])
         np.testing.assert_allclose(np.asarray(vout[i]), np.asarray(out), rtol=1e-6)
-        np.testing.assert_allclose(
-            float(states.stats.threshold[i]), float(state.stats.threshold), rtol=1e-6
-        )
+        np.testing.assert_allclose(float(states.stats.threshold[i]), float(state.stats.threshold), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["adaptive", "zscore"])
@@ -381,9 +369,7 @@ def test_inject_hyperparams_without_retrace(factory, arg, value):
 
     state = tx.init(grads)
     for i in range(30):
-        out, state = step(
-            jax.tree.map(lambda x, i=i: (x * (1 + i % 3)).astype(x.dtype), grads), state
-        )
+        out, state = step(jax.tree.map(lambda x, i=i: (x * (1 + i % 3)).astype(x.dtype), grads), state)
         if i == 15:
             state.hyperparams[arg] = jnp.asarray(value, state.hyperparams[arg].dtype)
     chex.assert_trees_all_equal_shapes_and_dtypes(out, grads)

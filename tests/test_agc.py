@@ -38,9 +38,7 @@ class AdaptiveGradClipTest(chex.TestCase):
         expected = ref.agc(grads, params, clipping, 1e-3)
         assert_close_to_reference(out, expected)
         np.testing.assert_allclose(float(state.pre_clip_norm), ref.global_norm(grads), rtol=1e-5)
-        np.testing.assert_allclose(
-            float(state.post_clip_norm), ref.global_norm(expected), rtol=1e-3
-        )
+        np.testing.assert_allclose(float(state.post_clip_norm), ref.global_norm(expected), rtol=1e-3)
         self.assertEqual(bool(state.clipped), clipping < 1.0)
 
     def test_threshold_summary_is_norm_of_unit_bounds(self):
@@ -90,9 +88,7 @@ class AdaptiveGradClipTest(chex.TestCase):
         grads = {"a": jnp.full((2, 2), 1e30), "h": jnp.array([30000.0, 40000.0], jnp.float16)}
         tx = optaxclip.adaptive_grad_clip(0.01)
         out, st = jax.jit(tx.update)(grads, tx.init(params), params)
-        np.testing.assert_allclose(
-            np.asarray(out["a"]), np.full((2, 2), 0.01), rtol=1e-6
-        )  # 1e30 -> 0.01 * 1
+        np.testing.assert_allclose(np.asarray(out["a"]), np.full((2, 2), 0.01), rtol=1e-6)  # 1e30 -> 0.01 * 1
         np.testing.assert_allclose(
             np.asarray(out["h"], np.float64),
             [0.01 * 1414.2136 * 0.6, 0.01 * 1414.2136 * 0.8],
@@ -107,15 +103,11 @@ class AdaptiveGradClipTest(chex.TestCase):
             ("eps", {"eps": -1e-3}),
             ("eps", {"eps": float("nan")}),
         ]:
-            with pytest.raises(
-                ValueError, match=rf"adaptive_grad_clip: `{name}` must be > 0.*{name}="
-            ):
+            with pytest.raises(ValueError, match=rf"adaptive_grad_clip: `{name}` must be > 0.*{name}="):
                 optaxclip.adaptive_grad_clip(**kwargs)
         g = {"w": jnp.ones((2, 2))}
         tx = optaxclip.adaptive_grad_clip()
-        with pytest.raises(
-            ValueError, match=r"adaptive_grad_clip: `params` must be passed.*params=None"
-        ):
+        with pytest.raises(ValueError, match=r"adaptive_grad_clip: `params` must be passed.*params=None"):
             tx.update(g, tx.init(g))
         with pytest.raises(ValueError, match=r"`params` must have the structure"):
             tx.update(g, tx.init(g), {"v": jnp.ones((2, 2))})

@@ -107,9 +107,7 @@ class ClipByLeafNormTest(chex.TestCase):
         expected = ref.clip_leaf(grads, expected_bounds)
         assert_close_to_reference(out, expected)
         np.testing.assert_allclose(float(state.pre_clip_norm), ref.global_norm(grads), rtol=1e-6)
-        np.testing.assert_allclose(
-            float(state.post_clip_norm), ref.global_norm(expected), rtol=1e-5
-        )
+        np.testing.assert_allclose(float(state.post_clip_norm), ref.global_norm(expected), rtol=1e-5)
         bound_norm = np.sqrt(sum(b**2 for b in jax.tree.leaves(expected_bounds)))
         np.testing.assert_allclose(float(state.threshold), bound_norm, rtol=1e-6)
         self.assertTrue(bool(state.clipped))
@@ -268,9 +266,7 @@ def test_in_chain_multisteps_and_vmap(name):
     assert int(optaxclip.stats(ms_state).step_count) == 0
     ms_out, ms_state = ms.update(g2, ms_state, params)
     mean = jax.tree.map(lambda a, b: ((a.astype(jnp.float32) + b) / 2).astype(a.dtype), grads, g2)
-    direct, _ = optax.chain(clip, optax.sgd(1.0)).update(
-        mean, ms.init(params).inner_opt_state, params
-    )
+    direct, _ = optax.chain(clip, optax.sgd(1.0)).update(mean, ms.init(params).inner_opt_state, params)
     chex.assert_trees_all_close(ms_out, direct, rtol=2e-2)
     assert int(optaxclip.stats(ms_state).step_count) == 1
     # vmap over independent states and gradients (different norms per row).

@@ -7,13 +7,9 @@ import sys
 
 
 def test_sharded_norms_and_updates_match_unsharded():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = pathlib.Path(__file__).with_name("_sharded_script.py")
-    proc = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SHARDING OK" in proc.stdout
     for name in ("global", "leaf", "value", "agc", "adaptive", "zscore"):

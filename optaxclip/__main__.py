@@ -1,0 +1,125 @@
+"""Command line: `python -m optaxclip diagnose metrics.csv [--plot out.png]`.
+
+Reads a CSV with a column of gradient norms (`pre_clip_norm`, `norm`,
+`grad_norm` or `global_norm`; optional `threshold`, `loss`, `clipped`, and a
+`config` column to diagnose several runs of one file separately), prints
+what `optaxclip.diagnose` finds, and optionally plots the norm history with
+the suggested threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import pathlib
+import sys
+
+from ._diagnose import diagnose, format_findings, spike_steps, suggest_threshold
+
+NORM_COLUMNS = ("pre_clip_norm", "norm", "grad_norm", "global_norm", "gradient_norm")
+
+
+class CliError(Exception):
+    """A user error: printed without a traceback, exit status 2."""
+
+
+def _read(path: pathlib.Path, column: str | None) -> tuple[str, dict[str, dict[str, list[float]]]]:
+    if not path.is_file():
+        raise CliError(f"no such file: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if column is not None and column not in header:
+            raise CliError(f"{path}: no column {column!r}; columns are {header}")
+        norm_col = column or next((c for c in NORM_COLUMNS if c in header), None)
+        if norm_col is None:
+            raise CliError(
+                f"{path}: no norm column; expected one of {list(NORM_COLUMNS)} (or pass "
+                f"--column), got columns {header}"
+            )
+        wanted = [c for c in (norm_col, "threshold", "loss", "clipped") if c in header]
+        runs: dict[str, dict[str, list[float]]] = {}
+        for line, row in enumerate(reader, start=2):
+            run = runs.setdefault(row.get("config") or "", {c: [] for c in wanted})
+            for c in wanted:
+                text = (row.get(c) or "").strip()
+                if c == "clipped" and text.lower() in ("true", "false"):
+                    text = "1" if text.lower() == "true" else "0"
+                try:
+                    run[c].append(float(text))
+                except ValueError:
+                    raise CliError(f"{path}, line {line}: column {c!r} is not a number: {text!r}") from None
+    if not runs:
+        raise CliError(f"{path}: no data rows")
+    return norm_col, runs
+
+
+def _plot(runs, norm_col: str, out: pathlib.Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("--plot needs matplotlib: pip install 'optaxclip[examples]'") from None
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, (name, cols) in enumerate(runs.items()):
+        norms = cols[norm_col]
+        color = f"C{i}"
+        ax.plot(range(len(norms)), norms, color=color, lw=1, label=name or norm_col)
+        spikes = spike_steps(norms)
+        ax.plot(spikes, [norms[s] for s in spikes], "x", color=color, ms=6)
+        try:
+            thr = suggest_threshold(norms)
+            ax.axhline(thr, color=color, ls="--", lw=1, label=f"suggested threshold {thr:.3g}")
+        except ValueError:
+            pass
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{norm_col} (x: spikes)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m optaxclip", description="optaxclip tools")
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("diagnose", help="say what a CSV of gradient norms means")
+    d.add_argument("csv", type=pathlib.Path, help="a CSV file with a column of norms")
+    d.add_argument("--column", help=f"the norm column (default: first of {list(NORM_COLUMNS)})")
+    d.add_argument("--plot", type=pathlib.Path, help="write a PNG of the norm history here")
+    args = ap.parse_args(argv)
+    try:
+        norm_col, runs = _read(args.csv, args.column)
+        for name, cols in runs.items():
+            norms = cols[norm_col]
+            if not norms:
+                raise CliError(f"{args.csv}: no values in column {norm_col!r}")
+            findings = diagnose(
+                norms,
+                thresholds=cols.get("threshold"),
+                losses=cols.get("loss"),
+                clipped=cols.get("clipped"),
+            )
+            title = f"[{name}] " if name else ""
+            finite = [x for x in norms if math.isfinite(x)]
+            print(
+                f"{title}{len(norms)} steps of {norm_col!r}"
+                + (f", suggested threshold {suggest_threshold(norms):.4g}" if finite else "")
+            )
+            print(format_findings(findings))
+            print()
+        if args.plot:
+            _plot(runs, norm_col, args.plot)
+            print(f"Wrote {args.plot}")
+    except CliError as e:
+        print(f"optaxclip diagnose: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

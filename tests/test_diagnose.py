@@ -1,0 +1,152 @@
+"""Tests for optaxclip._diagnose and the `python -m optaxclip diagnose` command line."""
+
+import csv
+
+import numpy as np
+import pytest
+
+import optaxclip
+from optaxclip.__main__ import main as cli
+
+
+def codes(findings):
+    return [f.code for f in findings]
+
+
+def steady(n=200, seed=0):
+    return np.random.default_rng(seed).lognormal(0.0, 0.1, n)
+
+
+def test_nonfinite_rule():
+    norms = steady(50)
+    norms[[10, 30]] = [np.nan, np.inf]
+    (f,) = [f for f in optaxclip.diagnose(norms) if f.code == "nonfinite"]
+    assert f.severity == "error" and f.steps == (10, 30)
+    assert "loss scaling" in f.action and "apply_if_finite" in f.action
+
+
+def test_clip_rate_rules():
+    norms = steady()
+    high = optaxclip.diagnose(norms, thresholds=np.full(200, 0.5))
+    assert codes(high)[0] == "clip_rate_high" and "100%" in high[0].message
+    assert "raise the threshold" in high[0].action and "lower the learning rate" in high[0].action
+    low = optaxclip.diagnose(norms, thresholds=np.full(200, 100.0))
+    assert "clip_rate_low" in codes(low)
+    few = optaxclip.diagnose(norms[:50], thresholds=np.full(50, 100.0))  # < 100 steps: no verdict
+    assert "clip_rate_low" not in codes(few)
+    none = optaxclip.diagnose(norms, thresholds=np.full(200, np.inf), clipped=np.zeros(200))
+    assert codes(none) == ["ok"]  # no threshold in effect: no clip-rate finding
+    flags = optaxclip.diagnose(norms, clipped=np.arange(200) % 3 != 0)
+    assert "clip_rate_high" in codes(flags)
+
+
+def test_spike_rule():
+    norms = steady()
+    norms[150] *= 3.5
+    norms[20] *= 2.5  # below 3x: not a spike
+    (f,) = [f for f in optaxclip.diagnose(norms) if f.code == "spikes"]
+    assert f.steps == (150,)
+    np.testing.assert_array_equal(optaxclip.spike_steps(norms), [150])
+
+
+def test_vanishing_rule():
+    norms = np.concatenate([steady(100), steady(100) * 1e-7])
+    (f,) = [f for f in optaxclip.diagnose(norms) if f.code == "vanishing"]
+    assert "initialization" in f.cause and "residual" in f.cause
+    assert "vanishing" not in codes(optaxclip.diagnose(steady()))
+
+
+def test_loss_rules():
+    norms = steady(100)
+    loss = np.linspace(3, 1, 100)
+    assert codes(optaxclip.diagnose(norms, losses=loss)) == ["ok"]
+    diverging = np.concatenate([np.linspace(3, 1, 50), np.linspace(1, 8, 50)])
+    assert "loss_diverging" in codes(optaxclip.diagnose(norms, losses=diverging))
+    loss[70] = np.nan
+    assert codes(optaxclip.diagnose(norms, losses=loss))[0] == "loss_nonfinite"
+
+
+def test_ok_gives_suggested_threshold():
+    (f,) = optaxclip.diagnose(steady())
+    assert f.code == "ok" and f.severity == "info"
+    assert f"{optaxclip.suggest_threshold(steady()):.3g}" in f.action
+
+
+def test_suggest_threshold_excludes_spikes_and_nonfinite():
+    norms = steady(300)
+    with_junk = norms.copy()
+    with_junk[[100, 200]] = [1e6, np.nan]
+    expected = np.quantile(np.delete(norms, [100, 200]), 0.95)
+    assert optaxclip.suggest_threshold(with_junk) == pytest.approx(expected)
+    assert optaxclip.suggest_threshold(norms, quantile=0.5) == pytest.approx(np.median(norms))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="`norms` is empty"):
+        optaxclip.diagnose([])
+    with pytest.raises(ValueError, match="`thresholds` must have one value per step"):
+        optaxclip.diagnose([1.0, 2.0], thresholds=[1.0])
+    with pytest.raises(ValueError, match="`norms` must be a sequence of numbers"):
+        optaxclip.diagnose(["a", "b"])
+    with pytest.raises(ValueError, match="quantile=1.5"):
+        optaxclip.suggest_threshold([1.0], quantile=1.5)
+    with pytest.raises(ValueError, match="no finite"):
+        optaxclip.suggest_threshold([np.nan, np.inf])
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_cli_diagnoses_each_config_and_plots(tmp_path, capsys):
+    norms = steady(120)
+    norms[90] *= 10
+    rows = [("a", i, n, 1.0, 0.5, int(n > 1.0)) for i, n in enumerate(norms)]
+    rows += [("b", i, n, np.inf, 0.5, 0) for i, n in enumerate(steady(120, 1))]
+    path = write_csv(
+        tmp_path / "m.csv",
+        ["config", "step", "pre_clip_norm", "threshold", "loss", "clipped"],
+        rows,
+    )
+    png = tmp_path / "out.png"
+    assert cli(["diagnose", str(path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "[a] 120 steps" in out and "[b] 120 steps" in out
+    assert "spikes" in out and "steps: 90" in out
+    assert png.stat().st_size > 10_000
+
+
+def test_cli_any_norm_column_and_explicit_column(tmp_path, capsys):
+    path = write_csv(tmp_path / "g.csv", ["grad_norm", "other"], [(x, 1) for x in steady(30)])
+    assert cli(["diagnose", str(path)]) == 0
+    assert "30 steps of 'grad_norm'" in capsys.readouterr().out
+    assert cli(["diagnose", str(path), "--column", "other"]) == 0
+
+
+@pytest.mark.parametrize(
+    "header, rows, message",
+    [
+        (["step", "loss"], [(0, 1.0)], "no norm column"),
+        (["norm"], [], "no data rows"),
+        (["norm"], [("1.0",), ("abc",)], "line 3: column 'norm' is not a number: 'abc'"),
+    ],
+)
+def test_cli_clear_errors(tmp_path, capsys, header, rows, message):
+    path = write_csv(tmp_path / "bad.csv", header, rows)
+    assert cli(["diagnose", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_file_and_unknown_column(tmp_path, capsys):
+    assert cli(["diagnose", str(tmp_path / "nope.csv")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    path = write_csv(tmp_path / "n.csv", ["norm"], [(1.0,)])
+    assert cli(["diagnose", str(path), "--column", "zzz"]) == 2
+    assert "no column 'zzz'" in capsys.readouterr().err
