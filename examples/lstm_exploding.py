@@ -250,6 +250,7 @@ def main(argv=None) -> list[dict]:
             [x["pre_clip_norm"] for x in rows],
             thresholds=[x["threshold"] for x in rows],
             losses=[x["loss"] for x in rows],
+            clipped=[x["clipped"] for x in rows],  # value/AGC thresholds are not global norms
         )
         print(f"\n[{r['name']}]")
         print(optaxclip.format_findings(findings))
