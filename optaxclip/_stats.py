@@ -181,5 +181,5 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     out = {}
     for path, (st, extras) in found.items():
         for field, value in {**st._asdict(), **extras}.items():
-            out[field if single else f"{path}/{field}"] = value
+            out[field if single or not path else f"{path}/{field}"] = value
     return out

@@ -248,6 +248,9 @@ class SkipSpikesTest(chex.TestCase):
         assert int(state.stats.clip_count) == 1
         found = optaxclip.stats(state)
         assert set(found) == {"", "inner_state/0"}
+        m = optaxclip.metrics(state)
+        assert int(m["clip_count"]) == 1 and "consecutive_skips" in m  # outer: bare names
+        assert float(m["inner_state/0/threshold"]) == 10.0
 
     def test_loss_spike_skips(self):
         tx = optaxclip.skip_spikes(optax.sgd(1.0), window=8, warmup_steps=4)
