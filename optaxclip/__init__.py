@@ -21,6 +21,9 @@ from ._diagnose import diagnose as diagnose
 from ._diagnose import format_findings as format_findings
 from ._diagnose import spike_steps as spike_steps
 from ._diagnose import suggest_threshold as suggest_threshold
+from ._dp import DPAggregateState as DPAggregateState
+from ._dp import dp_aggregate as dp_aggregate
+from ._dp import per_example_grads as per_example_grads
 from ._stats import ClipStats as ClipStats
 from ._stats import metrics as metrics
 from ._stats import stats as stats
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveClipState",
     "ClipStats",
+    "DPAggregateState",
     "Finding",
     "SkipSpikesState",
     "ZScoreClipState",
@@ -44,9 +48,11 @@ __all__ = [
     "clip_by_leaf_norm",
     "clip_by_value",
     "diagnose",
+    "dp_aggregate",
     "format_findings",
     "flax_unit_axes",
     "global_norm",
     "metrics",
+    "per_example_grads",
     "stats",
 ]

@@ -61,4 +61,25 @@ for name, tx in [
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref_out), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5)
     print(name, "shard_map axis_name norm", float(norm), "== full", float(full))
+# 3. DP-SGD data parallel: each device clips its own examples; psum; one noise draw.
+per_example = {
+    "w": jnp.asarray(rng.standard_normal((16, 4, 3)) * 3, jnp.float32),
+    "b": jnp.asarray(rng.standard_normal((16, 3)), jnp.float32),
+}
+mask = jnp.asarray(np.arange(16) % 5 != 0)
+dp = optaxclip.dp_aggregate(1.0, 1.3, jax.random.key(7), expected_batch_size=12, axis_name="x")
+dp_one = optaxclip.dp_aggregate(1.0, 1.3, jax.random.key(7), expected_batch_size=12)
+
+
+def dp_local(g, m):
+    out, _ = dp.update(g, dp.init(None), mask=m)
+    return out
+
+
+fn = jax.jit(jax.shard_map(dp_local, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P()))
+out8 = fn(shard(per_example), jax.device_put(mask, NamedSharding(mesh, P("x"))))
+out1, _ = dp_one.update(per_example, dp_one.init(None), mask=mask)
+for a, b in zip(jax.tree.leaves(out8), jax.tree.leaves(out1), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+print("dp 8 devices == 1 device")
 print("SHARDING OK")

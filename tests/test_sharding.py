@@ -12,5 +12,6 @@ def test_sharded_norms_and_updates_match_unsharded():
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SHARDING OK" in proc.stdout
+    assert "dp 8 devices == 1 device" in proc.stdout
     for name in ("global", "leaf", "value", "agc", "adaptive", "zscore"):
         assert f"{name} sharded == unsharded" in proc.stdout

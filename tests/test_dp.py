@@ -1,0 +1,158 @@
+"""Tests for optaxclip._dp: per_example_grads and dp_aggregate."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+from conftest import strict
+
+import optaxclip
+
+
+def per_example_tree(batch=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(rng.normal(size=(batch, 3, 2)) * 2, jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(batch, 2)), jnp.bfloat16),
+    }
+
+
+def reference(tree, clip, mask=None, denom=None):
+    """Float64: clip each example's global norm, sum the real rows, divide."""
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+    batch = leaves[0].shape[0]
+    mask = np.ones(batch, bool) if mask is None else np.asarray(mask)
+    norms = np.sqrt(sum(np.sum(x.reshape(batch, -1) ** 2, axis=1) for x in leaves))
+    ok = mask & np.isfinite(norms)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f = np.where(ok, np.minimum(1.0, clip / norms), 0.0)
+    sums = [
+        np.sum(
+            np.where(ok.reshape(-1, *[1] * (x.ndim - 1)), x, 0.0) * f.reshape(-1, *[1] * (x.ndim - 1)), axis=0
+        )
+        for x in leaves
+    ]
+    d = denom if denom is not None else max(ok.sum(), 1)
+    return jax.tree.unflatten(jax.tree.structure(tree), [s / d for s in sums])
+
+
+def pre_noise_sum(tree, clip, mask=None):
+    tx = optaxclip.dp_aggregate(clip, 0.0, jax.random.key(0), expected_batch_size=1)
+    out, _ = tx.update(tree, tx.init(None), mask=mask)
+    return out
+
+
+class DPAggregateTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("tight", 0.5), ("loose", 100.0))
+    def test_matches_reference(self, clip):
+        tree = per_example_tree()
+        tx = optaxclip.dp_aggregate(clip, 0.0, jax.random.key(0))
+        out, state = self.variant(strict(tx.update))(tree, tx.init(None))
+        expected = reference(tree, clip)
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x: np.asarray(x, np.float64), out), expected, rtol=1e-2
+        )
+        assert out["b"].dtype == jnp.bfloat16 and out["w"].dtype == jnp.float32
+        assert float(state.stats.threshold) == clip and bool(state.stats.clipped) == (clip < 1)
+
+    def test_mask_makes_padding_contribute_zero(self):
+        tree = per_example_tree(8)
+        mask = np.array([1, 1, 1, 0, 1, 0, 0, 1], bool)
+        padded = jax.tree.map(lambda x: x.at[~mask].set(1e30 if x.dtype == jnp.float32 else 7.0), tree)
+        tx = optaxclip.dp_aggregate(1.0, 0.0, jax.random.key(0))
+        out, _ = jax.jit(tx.update)(padded, tx.init(None), mask=mask)
+        real = jax.tree.map(lambda x: x[mask], tree)
+        out_real, _ = tx.update(real, tx.init(None))
+        chex.assert_trees_all_close(out, out_real, rtol=1e-6)
+
+    @parameterized.named_parameters(
+        ("remove", "remove", 1),
+        ("add_huge", "add", 1),
+        ("replace_nan", np.nan, 1),
+        ("replace_inf", np.inf, 1),
+        ("replace_huge", 1e30, 2),
+        ("replace_arbitrary", 123.0, 2),
+    )
+    def test_sensitivity_is_bounded_by_clip(self, change, bound):
+        # Add/remove-one neighbours differ by at most C; replacing one example by
+        # another finite gradient moves the sum by up to 2C (old out, new in), and
+        # a NaN/inf replacement counts as a removal.
+        clip = 0.7
+        tree = per_example_tree(6, seed=1)
+        if change == "remove":
+            other = jax.tree.map(lambda x: x[:-1], tree)
+        elif change == "add":
+            other = jax.tree.map(lambda x: jnp.concatenate([x, jnp.full_like(x[:1], 1e30)]), tree)
+        else:
+            other = jax.tree.map(lambda x: x.at[2].set(change), tree)
+        a, b = pre_noise_sum(tree, clip), pre_noise_sum(other, clip)
+        diff = optaxclip.global_norm(
+            jax.tree.map(lambda x, y: x.astype(jnp.float32) - y.astype(jnp.float32), a, b)
+        )
+        assert np.isfinite(float(diff)) and float(diff) <= bound * clip * (1 + 1e-3)
+
+    def test_nonfinite_example_dropped_and_counted(self):
+        tree = jax.tree.map(lambda x: x.at[1].set(np.nan), per_example_tree(4))
+        tx = optaxclip.dp_aggregate(1.0, 0.0, jax.random.key(0))
+        out, state = tx.update(tree, tx.init(None))
+        assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree.leaves(out))
+        assert int(state.nonfinite_example_count) == 1 and int(state.stats.nonfinite_count) == 1
+        chex.assert_trees_all_close(out, reference(tree, 1.0), rtol=1e-2)  # divides by 3 real rows
+
+    def test_noise_std_and_fresh_keys(self):
+        clip, nm, denom = 2.0, 1.5, 4
+        zeros = {"a": jnp.zeros((3, 40_000)), "b": jnp.zeros((3, 40_000))}
+        tx = optaxclip.dp_aggregate(clip, nm, jax.random.key(42), expected_batch_size=denom)
+        step = jax.jit(tx.update)
+        state = tx.init(None)
+        out1, state = step(zeros, state)
+        out2, state = step(zeros, state)
+        expected = nm * clip / denom
+        for x in (out1["a"], out1["b"], out2["a"]):
+            assert abs(float(jnp.std(x)) / expected - 1) < 0.03
+        # No key reused across steps or leaves: the draws are uncorrelated.
+        for x, y in ((out1["a"], out2["a"]), (out1["a"], out1["b"])):
+            assert abs(float(jnp.corrcoef(x, y)[0, 1])) < 0.03
+
+    def test_legacy_key_and_chain_before_adam(self):
+        tx = optax.chain(optaxclip.dp_aggregate(1.0, 1.0, jax.random.PRNGKey(0)), optax.adam(1e-2))
+        params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2, jnp.bfloat16)}
+        out, state = jax.jit(tx.update)(per_example_tree(), tx.init(params), params)
+        chex.assert_trees_all_equal_shapes_and_dtypes(out, params)
+        assert int(optaxclip.stats(state).step_count) == 1
+
+    def test_bad_arguments(self):
+        key = jax.random.key(0)
+        for args, kwargs, name in [
+            ((-1.0, 1.0, key), {}, "l2_norm_clip"),
+            ((0.0, 1.0, key), {}, "l2_norm_clip"),
+            ((1.0, -0.5, key), {}, "noise_multiplier"),
+            ((1.0, 1.0, key), {"expected_batch_size": 0}, "expected_batch_size"),
+        ]:
+            with pytest.raises(ValueError, match=rf"dp_aggregate: `{name}`.*{name}="):
+                optaxclip.dp_aggregate(*args, **kwargs)
+
+
+def _loss(w, x):
+    return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+
+def test_per_example_grads_match_a_loop_and_microbatching():
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    xs = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+    full = optaxclip.per_example_grads(_loss)(w, xs)
+    loop = jnp.stack([jax.grad(_loss)(w, x) for x in xs])
+    chex.assert_trees_all_close(full, loop, rtol=1e-5, atol=1e-6)
+    micro = jax.jit(optaxclip.per_example_grads(_loss, microbatch_size=2))(w, xs)
+    chex.assert_trees_all_close(micro, full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of `microbatch_size`"):
+        optaxclip.per_example_grads(_loss, microbatch_size=3)(w, xs)
+    aux_fn = optaxclip.per_example_grads(lambda w, x: (_loss(w, x), jnp.sum(x)), has_aux=True)
+    g, aux = aux_fn(w, xs)
+    chex.assert_trees_all_close(g, full, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(aux, jnp.sum(xs, axis=1), rtol=1e-6)
