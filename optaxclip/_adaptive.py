@@ -60,10 +60,6 @@ def _push(history: jax.Array, index: jax.Array, value: jax.Array, keep: jax.Arra
     return jnp.where(keep, written, history), jnp.where(keep, (index + 1) % window, index)
 
 
-def _bump(count: jax.Array, flag: jax.Array) -> jax.Array:
-    return jnp.where(flag & (count < jnp.iinfo(I32).max), count + 1, count).astype(I32)
-
-
 def adaptive_clip(
     quantile: jax.typing.ArrayLike = 0.9,
     window: int = 1000,
@@ -181,7 +177,7 @@ def adaptive_clip(
         finite = jnp.isfinite(norm)
         value = jnp.where(jnp.asarray(record_clipped), stats.post_clip_norm, norm)
         q = jnp.asarray(quantile, F32)
-        new_count = _bump(count, finite)
+        new_count = _stats.increment(count, finite)
         if estimator == "window":
             history, index = _push(state.norm_history, state.history_index, value, finite)
             size = jnp.minimum(new_count, history.shape[0])
@@ -318,7 +314,7 @@ def zscore_clip(
         e_var = d * var + (1 - d) * jnp.square(g - e_mu)
         new_mu = jnp.where(finite, jnp.where(warm, e_mu, w_mu), mu)
         new_var = jnp.where(finite, jnp.where(warm, e_var, w_var), var)
-        return out, ZScoreClipState(stats, new_mu, new_var, _bump(count, finite))
+        return out, ZScoreClipState(stats, new_mu, new_var, _stats.increment(count, finite))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -467,7 +463,7 @@ def skip_spikes(
             norm_history=norms,
             loss_history=losses,
             history_index=index,
-            finite_norm_count=_bump(state.finite_norm_count, keep),
+            finite_norm_count=_stats.increment(state.finite_norm_count, keep),
             consecutive_skips=jnp.where(skip, state.consecutive_skips + 1, 0).astype(I32),
         )
 

@@ -101,9 +101,7 @@ def _leaf_bounds(fn: str, max_norm: MaxNorm, updates: Any) -> list[jax.Array]:
                 f"structure of the updates; got max_norm with structure {got}, "
                 f"updates have {treedef}."
             )
-        bounds = jax.tree.leaves(max_norm)
-        for (path, _), b in zip(leaves, bounds, strict=True):
-            _checks.positive(fn, f"max_norm{jax.tree_util.keystr(path)}", b)
+        bounds = jax.tree.leaves(max_norm)  # validated at construction
     return [jnp.asarray(b, F32) for b in bounds]
 
 
@@ -207,11 +205,7 @@ def clip_by_value(
         _checks.positive(fn, "max_value", max_value)
     else:
         _checks.finite(fn, "min_value", min_value)
-        if _is_static(min_value) and _is_static(max_value) and float(min_value) > float(max_value):
-            raise ValueError(
-                f"{fn}: `min_value` must be <= `max_value`, got "
-                f"min_value={min_value!r}, max_value={max_value!r}."
-            )
+        _checks.ordered(fn, "min_value", min_value, "max_value", max_value)
 
     def update_fn(updates, state, params=None):
         del params
@@ -240,7 +234,3 @@ def clip_by_value(
         return treedef.unflatten(out), stats
 
     return optax.GradientTransformation(_stats.init_fn, update_fn)
-
-
-def _is_static(value: Any) -> bool:
-    return isinstance(value, (int, float))

@@ -59,3 +59,9 @@ def one_of(fn: str, name: str, value: Any, options: tuple[str, ...]) -> None:
     """Raises unless `value` is one of `options`."""
     if value not in options:
         raise ValueError(f"{fn}: `{name}` must be one of {options}, got {name}={value!r}.")
+
+
+def ordered(fn: str, lo_name: str, lo: Any, hi_name: str, hi: Any) -> None:
+    """Raises if static numbers `lo > hi`; arrays pass."""
+    if _is_number(lo) and _is_number(hi) and lo > hi:
+        raise ValueError(f"{fn}: `{lo_name}` must be <= `{hi_name}`, got {lo_name}={lo!r}, {hi_name}={hi!r}.")

@@ -203,13 +203,11 @@ def dp_aggregate(
         released = treedef.unflatten(out)
         stats = _stats.record(
             state.stats,
-            pre_clip_norm=_tree.combine_norms([norms]),
+            pre_clip_norm=_tree.combine_norms([jnp.where(real, norms, 0.0)]),  # padding excluded
             post_clip_norm=_tree.global_norm(released),
             threshold=c,
             clipped=jnp.any(keep & (factor < 1)),
         )
-        # Count a step with a dropped (non-finite) example as non-finite.
-        stats = stats._replace(nonfinite_count=state.stats.nonfinite_count + (dropped > 0).astype(jnp.int32))
         return released, DPAggregateState(stats, next_key, state.nonfinite_example_count + dropped)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -60,14 +60,14 @@ def record(
         post_clip_norm=jnp.asarray(post_clip_norm, jnp.float32),
         threshold=jnp.asarray(threshold, jnp.float32),
         clipped=clipped,
-        step_count=_increment(stats.step_count, True),
-        clip_count=_increment(stats.clip_count, clipped),
-        nonfinite_count=_increment(stats.nonfinite_count, nonfinite),
+        step_count=increment(stats.step_count, True),
+        clip_count=increment(stats.clip_count, clipped),
+        nonfinite_count=increment(stats.nonfinite_count, nonfinite),
     )
 
 
-def _increment(count: jax.Array, flag: Any) -> jax.Array:
-    # Saturate instead of wrapping past int32's max on very long runs.
+def increment(count: jax.Array, flag: Any) -> jax.Array:
+    """`count + 1` where `flag`, saturating at int32's max instead of wrapping."""
     bumped = jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
     return jnp.where(flag, bumped, count).astype(jnp.int32)
 

@@ -68,6 +68,11 @@ class DPAggregateTest(chex.TestCase):
         real = jax.tree.map(lambda x: x[mask], tree)
         out_real, _ = tx.update(real, tx.init(None))
         chex.assert_trees_all_close(out, out_real, rtol=1e-6)
+        # NaN in padded rows is not a non-finite step: only real rows count.
+        nan_padded = jax.tree.map(lambda x: x.at[~mask].set(np.nan), tree)
+        out_nan, state = tx.update(nan_padded, tx.init(None), mask=mask)
+        chex.assert_trees_all_close(out_nan, out_real, rtol=1e-6)
+        assert int(state.stats.nonfinite_count) == 0 and np.isfinite(float(state.stats.pre_clip_norm))
 
     @parameterized.named_parameters(
         ("remove", "remove", 1),
