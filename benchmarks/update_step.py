@@ -102,6 +102,10 @@ VARIANTS = {
         optaxclip.adaptive_clip(estimator="streaming"), optax.adam(1e-3)
     ),
     "optaxclip zscore_clip+adam": lambda: optax.chain(optaxclip.zscore_clip(), optax.adam(1e-3)),
+    "optax clip(0.01)+adam": lambda: optax.chain(optax.clip(0.01), optax.adam(1e-3)),
+    "optaxclip clip_by_value(0.01)+adam": lambda: optax.chain(
+        optaxclip.clip_by_value(0.01), optax.adam(1e-3)
+    ),
 }
 OPTAX_GLOBAL = "optax clip_by_global_norm+adam"
 
