@@ -92,7 +92,7 @@ def train(name: str, clip, args, data, progress: bool = True) -> dict:
     model = CharLSTM(args.hidden, rngs=nnx.Rngs(args.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     lr = optax.linear_schedule(0.0, args.lr, args.lr_warmup) if args.lr_warmup else args.lr
-    tx = optax.chain(clip, optax.sgd(lr, momentum=0.9))
+    tx = optax.chain(clip, optax.sgd(lr, momentum=args.momentum or None))
     opt_state = tx.init(params)
 
     def loss_fn(p, x, y):
@@ -214,6 +214,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--lr", type=float, default=10.0, help="SGD learning rate (momentum 0.9)")
+    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0: plain SGD)")
     ap.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {list(CONFIGS)}")

@@ -21,7 +21,12 @@ from ._diagnose import diagnose as diagnose
 from ._diagnose import format_findings as format_findings
 from ._diagnose import spike_steps as spike_steps
 from ._diagnose import suggest_threshold as suggest_threshold
+from ._dp import ClippedGradSum as ClippedGradSum
+from ._dp import DPAdaptiveAggregateState as DPAdaptiveAggregateState
 from ._dp import DPAggregateState as DPAggregateState
+from ._dp import adaptive_noise_multipliers as adaptive_noise_multipliers
+from ._dp import clipped_grad_sum as clipped_grad_sum
+from ._dp import dp_adaptive_aggregate as dp_adaptive_aggregate
 from ._dp import dp_aggregate as dp_aggregate
 from ._dp import per_example_grads as per_example_grads
 from ._stats import ClipStats as ClipStats
@@ -34,11 +39,16 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveClipState",
     "ClipStats",
+    "ClippedGradSum",
+    "DPAdaptiveAggregateState",
     "DPAggregateState",
     "Finding",
     "SkipSpikesState",
     "ZScoreClipState",
     "adaptive_clip",
+    "adaptive_noise_multipliers",
+    "clipped_grad_sum",
+    "dp_adaptive_aggregate",
     "skip_spikes",
     "spike_steps",
     "suggest_threshold",

@@ -186,7 +186,9 @@ def clip_by_value(
     Edge cases:
       An infinite element stays infinite and a NaN stays NaN (optax's
       `clip` turns inf into the bound, hiding the overflow); the step
-      counts as non-finite. The stats' norms are float32 and overflow-free.
+      counts as non-finite and records `clipped=False`, as the norm clips
+      do. The stats' norms are float32 and overflow-free; the post-clip
+      norm is read again only on steps where something was clamped.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip
@@ -217,20 +219,30 @@ def clip_by_value(
             # Keep +-inf as it is: clamping would turn an overflow into the bound.
             return jnp.where(jnp.isinf(x), x, jnp.clip(x, lo, hi)).astype(g.dtype)
 
-        def changed(g):
-            x = g.astype(F32)
-            return jnp.any(jnp.isfinite(x) & ((x > hi) | (x < lo)))
-
         leaves, treedef = jax.tree.flatten(updates)
-        out = [clamp(g) for g in leaves]
-        any_changed = [changed(g) for g in leaves]
+        norms = jax.tree.leaves(_tree.leaf_norms(leaves))
+        # Out of range, from reductions XLA runs at memory speed (a max of |x|
+        # or of x); the stats never hold a clamped copy of the updates.
+        if min_value is None:
+            clamped = [jnp.max(jnp.abs(g), initial=0).astype(F32) > hi for g in leaves]
+        else:
+            clamped = [
+                (jnp.max(g, initial=-jnp.inf).astype(F32) > hi)
+                | (jnp.min(g, initial=jnp.inf).astype(F32) < lo)
+                for g in leaves
+            ]
+        pre = _tree.combine_norms(norms)
+        finite = jnp.isfinite(pre)
+        # A non-finite step is counted as such and never as clipped, as in the norm clips.
+        clamped = [f & finite for f in clamped]
+        post = _tree.combine_norms(_tree.clamped_norms(leaves, lo, hi, norms, clamped))
         stats = _stats.record(
             state,
-            pre_clip_norm=_tree.global_norm(leaves),
-            post_clip_norm=_tree.global_norm(out),
+            pre_clip_norm=pre,
+            post_clip_norm=post,
             threshold=jnp.maximum(jnp.abs(lo), jnp.abs(hi)),
-            clipped=jnp.any(jnp.stack(any_changed)) if leaves else False,
+            clipped=jnp.any(jnp.stack(clamped)) if leaves else False,
         )
-        return treedef.unflatten(out), stats
+        return treedef.unflatten([clamp(g) for g in leaves]), stats
 
     return optax.GradientTransformation(_stats.init_fn, update_fn)

@@ -64,12 +64,7 @@ def per_example_grads(
         if microbatch_size is None:
             return vgrad(*args)
         batch = jax.tree.leaves(args[batch_argnums[0]])[0].shape[0]
-        if batch % microbatch_size:
-            raise ValueError(
-                f"per_example_grads: the batch size ({batch}) must be a multiple of "
-                f"`microbatch_size`, got microbatch_size={microbatch_size}."
-            )
-        chunks = batch // microbatch_size
+        chunks = _chunks("per_example_grads", batch, microbatch_size)
 
         def split(x):
             return x.reshape(chunks, microbatch_size, *x.shape[1:])
@@ -88,6 +83,145 @@ def per_example_grads(
     return batched
 
 
+class ClippedGradSum(NamedTuple):
+    """The clipped per-example gradient sum of `clipped_grad_sum`, before noise.
+
+    Pass it to `dp_aggregate` or `dp_adaptive_aggregate` in place of the
+    per-example gradients: they then only add the noise and normalize.
+
+    Attributes:
+      grads: float32 pytree, the sum over the real, finite examples of each
+        gradient clipped to `l2_norm_clip`.
+      norms: float32 `[B]`, each example's gradient norm before clipping
+        (NaN/inf for a non-finite example). Not private.
+      mask: bool `[B]`, the real (unpadded) rows.
+      l2_norm_clip: float32 `[]`, the clip norm used.
+    """
+
+    grads: Any
+    norms: jax.Array
+    mask: jax.Array
+    l2_norm_clip: jax.Array
+
+
+def _row_mask(mask, batch: int) -> jax.Array:
+    return jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask, bool).reshape(batch)
+
+
+def _clip_and_sum(leaves: list, norms: jax.Array, real: jax.Array, clip: jax.Array) -> list:
+    """Sum over rows of each leaf's rows clipped to `clip`; padded and non-finite rows add 0."""
+    batch = norms.shape[0]
+    factor = jnp.where(real & jnp.isfinite(norms), _tree.scale_factor(norms, clip), 0.0)
+
+    def one(g):
+        w = factor.reshape((batch,) + (1,) * (g.ndim - 1))
+        rows = jnp.where(w > 0, g.astype(F32), 0.0)  # a NaN row times 0 would stay NaN
+        return jnp.sum(rows * w, axis=0)
+
+    return [one(g) for g in leaves]
+
+
+def clipped_grad_sum(
+    loss_fn: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    batch_argnums: int | Sequence[int] = 1,
+    *,
+    has_aux: bool = False,
+    microbatch_size: int | None = None,
+) -> Callable[..., Any]:
+    """Clipped per-example gradient sum, clipping inside the microbatch loop.
+
+    The memory-bounded path to DP-SGD: with `microbatch_size=m` the batch is
+    processed in sequential chunks of `m` examples; each chunk's per-example
+    gradients are clipped and added to a float32 running sum, so at most
+    `m x params` per-example values exist at once (peak memory scales with
+    the microbatch, not the batch). The result feeds `dp_aggregate` or
+    `dp_adaptive_aggregate`, which add the noise and normalize.
+
+    Args:
+      loss_fn: `loss_fn(params, example, ...) -> scalar` (or `(scalar, aux)`),
+        as in `per_example_grads`.
+      argnums: Which arguments to differentiate.
+      batch_argnums: Which arguments carry the batch axis.
+      has_aux: Whether `loss_fn` returns `(loss, aux)`; per-example aux
+        values are returned (not private).
+      microbatch_size: Examples per sequential chunk; the batch size must be
+        a multiple of it. `None`: the whole batch at once.
+
+    Returns:
+      A function `f(*args, l2_norm_clip, mask=None)` returning a
+      `ClippedGradSum` (and the per-example aux with `has_aux`). `mask`
+      (bool `[B]`) marks the real rows; padded rows add exactly zero.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optaxclip
+      >>> loss = lambda w, x: jnp.sum(w * x)
+      >>> f = optaxclip.clipped_grad_sum(loss, microbatch_size=1)
+      >>> s = f(jnp.zeros(2), jnp.array([[3.0, 4.0], [0.3, 0.4]]), l2_norm_clip=1.0)
+      >>> print(s.grads)  # [0.6, 0.8] + [0.3, 0.4]
+      [0.90000004 1.2       ]
+
+    References:
+      Abadi et al., Deep Learning with Differential Privacy, 2016.
+      https://arxiv.org/abs/1607.00133
+    """
+    fn = "clipped_grad_sum"
+    if microbatch_size is not None:
+        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1)
+    grads_of = per_example_grads(loss_fn, argnums, batch_argnums, has_aux=has_aux)
+    batch_argnums = (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+
+    def chunk_sum(args, mask, clip):
+        out = grads_of(*args)
+        grads, aux = out if has_aux else (out, None)
+        leaves, treedef = jax.tree.flatten(grads)
+        norms = _tree.batch_global_norms(grads)
+        return treedef.unflatten(_clip_and_sum(leaves, norms, mask, clip)), norms, aux
+
+    def run(*args, l2_norm_clip, mask=None):
+        _checks.positive(fn, "l2_norm_clip", l2_norm_clip)
+        clip = jnp.asarray(l2_norm_clip, F32)
+        batch = jax.tree.leaves(args[batch_argnums[0]])[0].shape[0]
+        real = _row_mask(mask, batch)
+        if microbatch_size is None:
+            grads, norms, aux = chunk_sum(args, real, clip)
+        else:
+            chunks = _chunks(fn, batch, microbatch_size)
+            split = lambda x: x.reshape(chunks, microbatch_size, *x.shape[1:])
+            xs = ([jax.tree.map(split, args[i]) for i in batch_argnums], split(real))
+
+            def body(total, chunk):
+                full = list(args)
+                for i, c in zip(batch_argnums, chunk[0], strict=True):
+                    full[i] = c
+                part, norms, aux = chunk_sum(full, chunk[1], clip)
+                return jax.tree.map(jnp.add, total, part), (norms, aux)
+
+            shapes = jax.eval_shape(lambda: chunk_sum(args, real, clip)[0])
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, F32), shapes)
+            grads, (norms, aux) = jax.lax.scan(body, zeros, xs)
+            norms = norms.reshape(batch)
+            aux = jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), aux)
+        result = ClippedGradSum(grads, norms, real, clip)
+        return (result, aux) if has_aux else result
+
+    return run
+
+
+def _chunks(fn: str, batch: int, microbatch_size: int) -> int:
+    if batch % microbatch_size:
+        raise ValueError(
+            f"{fn}: the batch size ({batch}) must be a multiple of "
+            f"`microbatch_size`, got microbatch_size={microbatch_size}."
+        )
+    return batch // microbatch_size
+
+
+_NONPRIVATE = frozenset(
+    {"pre_clip_norm", "clipped", "clip_count", "nonfinite_count", "nonfinite_example_count"}
+)
+
+
 class DPAggregateState(NamedTuple):
     """State of `dp_aggregate`.
 
@@ -97,7 +231,7 @@ class DPAggregateState(NamedTuple):
         released (noised, normalized) update, `threshold` the clip norm,
         `clipped` whether any example was clipped, `nonfinite_count` steps
         with a non-finite example. Per-example quantities are NOT
-        differentially private: do not release them.
+        differentially private: `metrics()` names them `nonprivate/...`.
       rng_key: The PRNG key the next step's noise is drawn from.
       nonfinite_example_count: int32 `[]`, examples dropped for a non-finite
         gradient so far (not private).
@@ -106,6 +240,58 @@ class DPAggregateState(NamedTuple):
     stats: _stats.ClipStats
     rng_key: jax.Array
     nonfinite_example_count: jax.Array
+
+    # Computed from raw per-example data, so not differentially private;
+    # `metrics()` names them `nonprivate/...`.
+    NONPRIVATE_FIELDS = _NONPRIVATE
+
+
+def _aggregate(fn, updates, clip, std, denom, noise_key, mask, params, axis_name):
+    """Clip (unless already), sum, psum, add noise, normalize: the shared DP step.
+
+    Returns `(released, norms, real, dropped, clipped_any)`.
+    """
+    if isinstance(updates, ClippedGradSum):
+        leaves, treedef = jax.tree.flatten(updates.grads)
+        norms, real = updates.norms, updates.mask
+        if mask is not None:
+            raise ValueError(f"{fn}: pass `mask` to `clipped_grad_sum`, not to `update`, got mask={mask!r}.")
+        sums = leaves
+        # The sum's sensitivity is its own clip norm: noise for the larger of the two.
+        std = std * jnp.maximum(updates.l2_norm_clip / clip, 1.0)
+        clip = updates.l2_norm_clip
+        like = jax.tree.leaves(params) if params is not None else leaves
+    else:
+        leaves, treedef = jax.tree.flatten(updates)
+        norms = _tree.batch_global_norms(updates)
+        real = _row_mask(mask, norms.shape[0])
+        sums = _clip_and_sum(leaves, norms, real, clip)
+        like = leaves
+    finite = jnp.isfinite(norms)
+    n_real = jnp.sum(real & finite).astype(F32)
+    dropped = jnp.sum(real & ~finite).astype(jnp.int32)
+    clipped_any = jnp.any(real & finite & (norms > clip))
+    if axis_name is not None:
+        sums = [jax.lax.psum(s, axis_name) for s in sums]
+        n_real = jax.lax.psum(n_real, axis_name)
+        dropped = jax.lax.psum(dropped, axis_name)
+        clipped_any = jax.lax.psum(clipped_any.astype(jnp.int32), axis_name) > 0
+    denom = jnp.maximum(n_real, 1.0) if denom is None else jnp.asarray(denom, F32)
+    out = []
+    for i, (ref, s) in enumerate(zip(like, sums, strict=True)):
+        noise = jax.random.normal(jax.random.fold_in(noise_key, i), s.shape, F32)
+        out.append(((s + std * noise) / denom).astype(ref.dtype))
+    return treedef.unflatten(out), norms, real, dropped, clipped_any
+
+
+def _record(stats, released, norms, real, clip, clipped_any):
+    return _stats.record(
+        stats,
+        pre_clip_norm=_tree.combine_norms([jnp.where(real, norms, 0.0)]),  # padding excluded
+        post_clip_norm=_tree.global_norm(released),
+        threshold=clip,
+        clipped=clipped_any,
+    )
 
 
 def dp_aggregate(
@@ -119,15 +305,17 @@ def dp_aggregate(
     """DP-SGD aggregation: clip each example's gradient, sum, add Gaussian noise, average.
 
     Takes per-example gradients (every leaf has a leading batch axis, as from
-    `per_example_grads`). Each example's global norm is clipped to
-    `l2_norm_clip`; the clipped gradients are summed in float32; Gaussian
-    noise of std `noise_multiplier * l2_norm_clip`, drawn in float32 from a
-    fresh key each step and leaf, is added; the result is divided by
-    `expected_batch_size` (Poisson sampling) or else by the number of real
-    examples. An optional `mask=` argument to `update` (bool `[B]`) marks
-    real rows: padded rows contribute exactly zero. An example whose gradient
-    is NaN/inf contributes zero and is counted, so the sensitivity bound
-    `l2_norm_clip` holds whatever the input.
+    `per_example_grads`), or a `ClippedGradSum` from `clipped_grad_sum` (the
+    memory-bounded path, already clipped). Each example's global norm is
+    clipped to `l2_norm_clip`; the clipped gradients are summed in float32;
+    Gaussian noise of std `noise_multiplier * l2_norm_clip`, drawn in
+    float32 from a fresh key each step and leaf, is added; the result is
+    divided by `expected_batch_size` (Poisson sampling) or else by the
+    number of real examples. An optional `mask=` argument to `update` (bool
+    `[B]`) marks real rows: padded rows contribute exactly zero. An example
+    whose gradient is NaN/inf contributes zero and is counted, so the
+    add/remove sensitivity `l2_norm_clip` holds whatever the input
+    (replacing one example by another moves the sum by up to twice that).
 
     Args:
       l2_norm_clip: Per-example clip norm; > 0. Schedulable.
@@ -142,7 +330,13 @@ def dp_aggregate(
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is a
-      `DPAggregateState`; chain an optimizer after it.
+      `DPAggregateState`; chain an optimizer after it. Outputs have the
+      per-example gradients' dtypes (the params' dtypes for a
+      `ClippedGradSum` when `params` are passed, else float32).
+
+    Edge cases:
+      A `ClippedGradSum` clipped with a larger norm than `l2_norm_clip` gets
+      noise for its own (larger) norm, so the guarantee never weakens.
 
     Example:
       >>> import jax, jax.numpy as jnp, optaxclip
@@ -167,47 +361,183 @@ def dp_aggregate(
         return DPAggregateState(_stats.init_stats(), key, jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, *, mask=None, **extra_args):
-        del params, extra_args
-        leaves, treedef = jax.tree.flatten(updates)
-        batch = leaves[0].shape[0]
-        norms = _tree.batch_global_norms(updates)
-        finite = jnp.isfinite(norms)
-        real = jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask, bool).reshape(batch)
-        keep = real & finite
-        c = jnp.asarray(l2_norm_clip, F32)
-        factor = jnp.where(keep, _tree.scale_factor(norms, c), 0.0)
-
-        def clipped_sum(g):
-            w = factor.reshape((batch,) + (1,) * (g.ndim - 1))
-            rows = jnp.where(w > 0, g.astype(F32), 0.0)  # a NaN row times 0 would stay NaN
-            return jnp.sum(rows * w, axis=0)
-
-        sums = [clipped_sum(g) for g in leaves]
-        n_real = jnp.sum(real & finite).astype(F32)
-        dropped = jnp.sum(real & ~finite).astype(jnp.int32)
-        if axis_name is not None:
-            sums = [jax.lax.psum(s, axis_name) for s in sums]
-            n_real = jax.lax.psum(n_real, axis_name)
-            dropped = jax.lax.psum(dropped, axis_name)
+        del extra_args
+        clip = jnp.asarray(l2_norm_clip, F32)
         next_key, noise_key = jax.random.split(state.rng_key)
-        std = jnp.asarray(noise_multiplier, F32) * c
-        denom = (
-            jnp.asarray(expected_batch_size, F32)
-            if expected_batch_size is not None
-            else jnp.maximum(n_real, 1.0)
+        std = jnp.asarray(noise_multiplier, F32) * clip
+        released, norms, real, dropped, clipped_any = _aggregate(
+            fn, updates, clip, std, expected_batch_size, noise_key, mask, params, axis_name
         )
-        out = []
-        for i, (g, s) in enumerate(zip(leaves, sums, strict=True)):
-            noise = jax.random.normal(jax.random.fold_in(noise_key, i), s.shape, F32)
-            out.append(((s + std * noise) / denom).astype(g.dtype))
-        released = treedef.unflatten(out)
-        stats = _stats.record(
-            state.stats,
-            pre_clip_norm=_tree.combine_norms([jnp.where(real, norms, 0.0)]),  # padding excluded
-            post_clip_norm=_tree.global_norm(released),
-            threshold=c,
-            clipped=jnp.any(keep & (factor < 1)),
-        )
+        stats = _record(state.stats, released, norms, real, clip, clipped_any)
         return released, DPAggregateState(stats, next_key, state.nonfinite_example_count + dropped)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class DPAdaptiveAggregateState(NamedTuple):
+    """State of `dp_adaptive_aggregate`.
+
+    Attributes:
+      stats: As in `DPAggregateState`; `threshold` is the clip norm used.
+      rng_key: The PRNG key the next step's noise is drawn from.
+      nonfinite_example_count: int32 `[]` (not private).
+      l2_norm_clip: float32 `[]`, the clip norm the next step uses (private:
+        it is computed from noised counts only).
+      noised_unclipped_fraction: float32 `[]`, this step's noised estimate of
+        the fraction of examples whose norm was <= the clip norm (private).
+    """
+
+    stats: _stats.ClipStats
+    rng_key: jax.Array
+    nonfinite_example_count: jax.Array
+    l2_norm_clip: jax.Array
+    noised_unclipped_fraction: jax.Array
+
+    NONPRIVATE_FIELDS = _NONPRIVATE
+
+
+def adaptive_noise_multipliers(
+    noise_multiplier: float, expected_batch_size: int, clipped_count_stddev: float | None = None
+) -> tuple[float, float]:
+    """Splits a noise multiplier between the gradient and the clipped-count query.
+
+    Andrew et al. 2021, Theorem 1: the gradient sum (sensitivity `C`) with
+    noise multiplier `z_grad` and the centered unclipped count (sensitivity
+    1/2) with noise std `clipped_count_stddev` cost together exactly one
+    Gaussian query of noise multiplier `z` when
+    `z_grad = (z**-2 - (2 * clipped_count_stddev)**-2) ** -0.5`.
+
+    Args:
+      noise_multiplier: The total noise multiplier `z`; >= 0.
+      expected_batch_size: Expected examples per batch; >= 1.
+      clipped_count_stddev: Noise std of the count; default
+        `expected_batch_size / 20` (the paper's). Must exceed `z / 2`.
+
+    Returns:
+      `(z_grad, z_count)`, where `z_count = 2 * clipped_count_stddev` is the
+      count query's noise multiplier (for accounting).
+
+    Example:
+      >>> import optaxclip
+      >>> z_grad, z_count = optaxclip.adaptive_noise_multipliers(1.0, 256)
+      >>> print(f"{z_grad:.4f} {z_count:.1f}")
+      1.0008 25.6
+    """
+    fn = "adaptive_noise_multipliers"
+    _checks.non_negative(fn, "noise_multiplier", noise_multiplier)
+    _checks.integer_at_least(fn, "expected_batch_size", expected_batch_size, 1)
+    if clipped_count_stddev is None:
+        clipped_count_stddev = expected_batch_size / 20
+    _checks.positive(fn, "clipped_count_stddev", clipped_count_stddev)
+    z, z_count = float(noise_multiplier), 2.0 * float(clipped_count_stddev)
+    if z == 0:
+        return 0.0, z_count
+    if not z_count > z:
+        raise ValueError(
+            f"{fn}: `clipped_count_stddev` must be > noise_multiplier / 2 so the count query "
+            f"leaves privacy for the gradient, got clipped_count_stddev={clipped_count_stddev!r}, "
+            f"noise_multiplier={noise_multiplier!r}."
+        )
+    return (z**-2 - z_count**-2) ** -0.5, z_count
+
+
+def dp_adaptive_aggregate(
+    initial_l2_norm_clip: float,
+    noise_multiplier: float,
+    key: jax.Array,
+    *,
+    expected_batch_size: int,
+    target_unclipped_quantile: float = 0.5,
+    clip_learning_rate: float = 0.2,
+    clipped_count_stddev: float | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """DP-SGD whose clip norm tracks a privately estimated quantile of per-example norms.
+
+    Each step clips every example to the current clip norm `C`, sums and
+    noises the gradients as `dp_aggregate` does (with the expected batch
+    size), and also releases a noised count of the examples whose norm was
+    <= `C`: `b = (sum_i (1[n_i <= C] - 1/2) + N(0, clipped_count_stddev**2))
+    / expected_batch_size + 1/2`. The clip norm then moves geometrically
+    toward the `target_unclipped_quantile` of the norms:
+    `C <- C * exp(-clip_learning_rate * (b - target_unclipped_quantile))`.
+    The gradient noise multiplier is raised (`adaptive_noise_multipliers`)
+    so that both queries together cost exactly the privacy of one Gaussian
+    query with `noise_multiplier`: account for the run with
+    `privacy.adaptive_epsilon` (equal to `privacy.epsilon` with the same
+    `noise_multiplier` under RDP).
+
+    Args:
+      initial_l2_norm_clip: The first step's clip norm; > 0.
+      noise_multiplier: Total noise multiplier of the two queries; >= 0.
+      key: A PRNG key (typed or legacy).
+      expected_batch_size: Expected examples per batch (Poisson sampling);
+        the gradient sum and the count are divided by it; >= 1.
+      target_unclipped_quantile: Fraction of examples to leave unclipped,
+        in (0, 1). Default 0.5 (the median norm).
+      clip_learning_rate: Geometric step size of the clip norm; > 0.
+      clipped_count_stddev: Noise std of the count; default
+        `expected_batch_size / 20`.
+      axis_name: As in `dp_aggregate`: per-device clipping, `psum`, one noise
+        draw.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs` whose state is a
+      `DPAdaptiveAggregateState`; `metrics()` reports the private
+      `l2_norm_clip` and `noised_unclipped_fraction`. With
+      `clipped_grad_sum`, pass it `l2_norm_clip=state.l2_norm_clip`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optaxclip
+      >>> tx = optaxclip.dp_adaptive_aggregate(
+      ...     1.0, 0.0, jax.random.key(0), expected_batch_size=4, clipped_count_stddev=1e-6
+      ... )
+      >>> g = jnp.array([[0.1], [0.2], [0.3], [0.4]])  # all norms below the clip norm
+      >>> _, state = tx.update(g, tx.init(None))
+      >>> print(f"{float(state.l2_norm_clip):.4f}")  # exp(-0.2 * (1 - 0.5))
+      0.9048
+
+    References:
+      Andrew et al., Differentially Private Learning with Adaptive Clipping,
+      2021. https://arxiv.org/abs/1905.03871
+    """
+    fn = "dp_adaptive_aggregate"
+    _checks.positive(fn, "initial_l2_norm_clip", initial_l2_norm_clip)
+    _checks.in_range(
+        fn, "target_unclipped_quantile", target_unclipped_quantile, 0.0, 1.0, lo_open=True, hi_open=True
+    )
+    _checks.positive(fn, "clip_learning_rate", clip_learning_rate)
+    z_grad, z_count = adaptive_noise_multipliers(noise_multiplier, expected_batch_size, clipped_count_stddev)
+    count_std = z_count / 2
+
+    def init_fn(params):
+        del params
+        return DPAdaptiveAggregateState(
+            _stats.init_stats(),
+            key,
+            jnp.zeros((), jnp.int32),
+            jnp.full((), initial_l2_norm_clip, F32),
+            jnp.full((), jnp.nan, F32),
+        )
+
+    def update_fn(updates, state, params=None, *, mask=None, **extra_args):
+        del extra_args
+        clip = state.l2_norm_clip
+        next_key, noise_key, count_key = jax.random.split(state.rng_key, 3)
+        released, norms, real, dropped, clipped_any = _aggregate(
+            fn, updates, clip, z_grad * clip, expected_batch_size, noise_key, mask, params, axis_name
+        )
+        # Centered bits: each real example adds +-1/2, so the count's sensitivity is 1/2.
+        bits = jnp.where(real, jnp.where(norms <= clip, 0.5, -0.5), 0.0)
+        count = jnp.sum(bits)
+        if axis_name is not None:
+            count = jax.lax.psum(count, axis_name)
+        noised = count + count_std * jax.random.normal(count_key, (), F32)
+        fraction = noised / expected_batch_size + 0.5
+        new_clip = clip * jnp.exp(-clip_learning_rate * (fraction - target_unclipped_quantile))
+        stats = _record(state.stats, released, norms, real, clip, clipped_any)
+        return released, DPAdaptiveAggregateState(
+            stats, next_key, state.nonfinite_example_count + dropped, new_clip, fraction
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -91,25 +91,30 @@ def _owns_stats(x: Any) -> bool:
     return isinstance(x, tuple) and isinstance(getattr(x, "stats", None), ClipStats)
 
 
-def _find(opt_state: Any, prefix: str = "") -> dict[str, tuple[ClipStats, dict[str, Any]]]:
-    """Each `ClipStats` in the state by path, with its owner's other scalar fields."""
+def _find(opt_state: Any, prefix: str = "") -> dict[str, tuple[ClipStats, dict[str, Any], frozenset]]:
+    """Each `ClipStats` in the state by path, with its owner's other scalar fields.
+
+    The third item names the fields that are not differentially private
+    (a DP state's `NONPRIVATE_FIELDS`).
+    """
     is_leaf = lambda x: isinstance(x, ClipStats) or _owns_stats(x)
     found, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_leaf)
     out = {}
     for path, node in found:
         where = "/".join(p for p in (prefix, _path_str(path)) if p)
         if isinstance(node, ClipStats):
-            out[where] = (node, {})
+            out[where] = (node, {}, frozenset())
         elif _owns_stats(node):
             extras = {}
             for name, value in node._asdict().items():
                 if name == "stats":
                     continue
                 if isinstance(value, jax.Array) and value.ndim == 0:
-                    extras[name] = value
+                    if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):  # not a metric
+                        extras[name] = value
                 elif not isinstance(value, jax.Array):  # a wrapped inner state
                     out.update(_find(value, "/".join(p for p in (where, name) if p)))
-            out[where] = (node.stats, extras)
+            out[where] = (node.stats, extras, getattr(type(node), "NONPRIVATE_FIELDS", frozenset()))
     return out
 
 
@@ -147,10 +152,10 @@ def stats(opt_state: Any) -> ClipStats | dict[str, ClipStats]:
         )
     if len(found) == 1:
         return next(iter(found.values()))[0]
-    return {path: st for path, (st, _) in found.items()}
+    return {path: st for path, (st, _, _) in found.items()}
 
 
-def metrics(opt_state: Any) -> dict[str, jax.Array]:
+def metrics(opt_state: Any, *, private_only: bool = False) -> dict[str, jax.Array]:
     """The `ClipStats` in `opt_state` as a flat `dict[str, scalar]` for a logger.
 
     Keys are the field names (`"pre_clip_norm"`, ...) when the state holds
@@ -159,8 +164,17 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
     `adaptive_clip`'s `quantile_estimate`) are included the same way. Also
     works inside `jax.jit`.
 
+    In a DP transform's state, values computed from raw per-example data
+    (the pre-clip norm, whether and how often examples were clipped,
+    non-finite counts) are not differentially private: their keys read
+    `nonprivate/<field>`, and `private_only=True` leaves them out. The
+    released update's norm, the clip norm and `dp_adaptive_aggregate`'s
+    noised unclipped fraction are private (post-processing of noised
+    queries).
+
     Args:
       opt_state: An optimizer state.
+      private_only: Drop the values that are not differentially private.
 
     Returns:
       A dict of scalar arrays.
@@ -179,7 +193,11 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
         stats(opt_state)  # raises the error
     single = len(found) == 1
     out = {}
-    for path, (st, extras) in found.items():
+    for path, (st, extras, nonprivate) in found.items():
         for field, value in {**st._asdict(), **extras}.items():
+            if field in nonprivate:
+                if private_only:
+                    continue
+                field = f"nonprivate/{field}"
             out[field if single or not path else f"{path}/{field}"] = value
     return out

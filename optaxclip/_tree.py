@@ -134,6 +134,30 @@ def batch_global_norms(tree) -> jax.Array:
     return _l2_axis0(jnp.stack(norms))
 
 
+def clamped_norms(
+    leaves: Sequence[jax.Array], lo: jax.Array, hi: jax.Array, norms: Sequence[jax.Array], clamped
+) -> list[jax.Array]:
+    """Norm of each `clip(x, lo, hi)`, where `clamped` says some element left the range.
+
+    A leaf with nothing clamped keeps its norm from `norms` and its data is
+    not read again; only the others take a second read, in a per-leaf
+    `lax.cond` whose operand is the leaf itself (no clamped copy is made).
+    Values are scaled by a power of two near `max(|lo|, |hi|)` before
+    squaring, so no bound can overflow; contributions below about 1e-19 of
+    that bound are lost to float32 underflow.
+    """
+    k = _exponent(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+
+    def one(x, norm, flag):
+        def reread(x):
+            c = jnp.minimum(jnp.maximum(x.astype(F32), lo), hi) * _pow2(-k)
+            return jnp.sqrt(jnp.sum(jnp.square(c))) * _pow2(k)
+
+        return jax.lax.cond(flag, reread, lambda _: norm, x)
+
+    return [one(x, n, f) for x, n, f in zip(leaves, norms, clamped, strict=True)]
+
+
 def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
     """L2 norm of the concatenation of norms (arrays of any shape), overflow-safe.
 

@@ -25,12 +25,21 @@ def _check(fn, noise_multiplier, sampling_rate, steps, delta, accountant):
     _checks.one_of(fn, "accountant", accountant, ACCOUNTANTS)
 
 
-def dp_event(noise_multiplier: float, sampling_rate: float, steps: int):
-    """The `dp_accounting` event of `steps` Poisson-sampled Gaussian steps."""
+def dp_event(
+    noise_multiplier: float, sampling_rate: float, steps: int, count_noise_multiplier: float | None = None
+):
+    """The `dp_accounting` event of `steps` Poisson-sampled Gaussian steps.
+
+    With `count_noise_multiplier`, each step is the composition of the
+    gradient query (`noise_multiplier`) and `dp_adaptive_aggregate`'s
+    clipped-count query on the same sample.
+    """
     import dp_accounting
 
-    step = dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
-    return dp_accounting.SelfComposedDpEvent(step, steps)
+    query = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if count_noise_multiplier is not None:
+        query = dp_accounting.ComposedDpEvent([query, dp_accounting.GaussianDpEvent(count_noise_multiplier)])
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(sampling_rate, query), steps)
 
 
 def _accountant(name: str):
@@ -66,6 +75,54 @@ def epsilon(
     _check("epsilon", noise_multiplier, sampling_rate, steps, delta, accountant)
     acc = _accountant(accountant)
     acc.compose(dp_event(noise_multiplier, sampling_rate, steps))
+    return float(acc.get_epsilon(delta))
+
+
+def adaptive_epsilon(
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    expected_batch_size: int,
+    clipped_count_stddev: float | None = None,
+    accountant: str = "pld",
+) -> float:
+    """Epsilon spent by `steps` steps of `dp_adaptive_aggregate` with Poisson sampling.
+
+    Accounts for the two queries each step releases (the gradient sum with
+    the raised noise multiplier and the clipped count) composed, with the
+    same arguments as the transform. The RDP accountant composes the two
+    Gaussian queries inside each sampled step; `dp_accounting`'s PLD
+    accountant cannot, so it accounts the single Gaussian query they are
+    equivalent to, noise multiplier `(z_grad**-2 + z_count**-2)**-0.5`
+    (Andrew et al. 2021, Theorem 1). Both equal
+    `epsilon(noise_multiplier, ...)` up to float rounding.
+
+    Args:
+      noise_multiplier: The transform's total noise multiplier; > 0.
+      sampling_rate: Probability that an example is in a batch, in (0, 1].
+      steps: Number of steps; >= 1.
+      delta: Target delta, in (0, 1).
+      expected_batch_size: As passed to `dp_adaptive_aggregate`.
+      clipped_count_stddev: As passed to `dp_adaptive_aggregate`.
+      accountant: `"pld"` or `"rdp"`.
+
+    Returns:
+      The epsilon of the run at `delta`.
+
+    References:
+      Andrew et al., Differentially Private Learning with Adaptive Clipping,
+      2021. https://arxiv.org/abs/1905.03871
+    """
+    from ._dp import adaptive_noise_multipliers
+
+    _check("adaptive_epsilon", noise_multiplier, sampling_rate, steps, delta, accountant)
+    z_grad, z_count = adaptive_noise_multipliers(noise_multiplier, expected_batch_size, clipped_count_stddev)
+    acc = _accountant(accountant)
+    if accountant == "rdp":
+        acc.compose(dp_event(z_grad, sampling_rate, steps, count_noise_multiplier=z_count))
+    else:
+        acc.compose(dp_event((z_grad**-2 + z_count**-2) ** -0.5, sampling_rate, steps))
     return float(acc.get_epsilon(delta))
 
 

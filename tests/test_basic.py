@@ -157,6 +157,22 @@ class ClipByValueTest(chex.TestCase):
         out, state = self.variant(strict(tx.update))(g, tx.init(g))
         np.testing.assert_equal(np.asarray(out["w"]), [np.inf, -np.inf, np.nan, 1.0])
         self.assertEqual(int(state.nonfinite_count), 1)
+        self.assertFalse(bool(state.clipped))  # counted as non-finite, as in the norm clips
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("huge_bound", 1e30, None, [3e30, -4e30, 1.0], [1e30, -1e30, 1.0]),
+        ("zero_floor", 1.0, 0.0, [-5.0, 0.5, 2.0], [0.0, 0.5, 1.0]),
+        ("nothing_clamped", 10.0, None, [3.0, 4.0, 0.0], [3.0, 4.0, 0.0]),
+    )
+    def test_post_clip_norm_is_the_norm_of_the_output(self, max_value, min_value, values, expected):
+        tx = optaxclip.clip_by_value(max_value, min_value)
+        g = {"a": jnp.asarray(values, jnp.float32), "b": jnp.zeros((2, 2), jnp.bfloat16)}
+        out, state = self.variant(strict(tx.update))(g, tx.init(g))
+        np.testing.assert_allclose(np.asarray(out["a"]), expected)
+        np.testing.assert_allclose(float(state.pre_clip_norm), ref.global_norm(g), rtol=1e-6)
+        np.testing.assert_allclose(float(state.post_clip_norm), np.linalg.norm(expected), rtol=1e-6)
+        self.assertEqual(bool(state.clipped), expected != values)
 
     def test_bad_arguments_raise(self):
         with pytest.raises(ValueError, match=r"clip_by_value: `min_value` must be <= `max_value`"):

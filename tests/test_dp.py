@@ -161,3 +161,173 @@ def test_per_example_grads_match_a_loop_and_microbatching():
     g, aux = aux_fn(w, xs)
     chex.assert_trees_all_close(g, full, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(aux, jnp.sum(xs, axis=1), rtol=1e-6)
+
+
+# --- memory-bounded path: clipped_grad_sum ---------------------------------------------
+
+
+def _model_loss(params, x, y):
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    return (jnp.sum(h * params["w2"]) - y) ** 2
+
+
+def _model(seed=0, batch=8):
+    rng = np.random.default_rng(seed)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+        "b1": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+    }
+    xs = jnp.asarray(rng.normal(size=(batch, 5)) * 3, jnp.float32)
+    ys = jnp.asarray(rng.normal(size=(batch,)), jnp.float32)
+    return params, xs, ys
+
+
+class ClippedGradSumTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("whole", None), ("micro2", 2), ("micro4", 4))
+    def test_equals_the_per_example_path(self, microbatch_size):
+        params, xs, ys = _model()
+        xs = xs.at[3].set(np.nan)  # a non-finite example: dropped and counted on both paths
+        mask = np.array([1, 1, 1, 1, 1, 0, 1, 0], bool)
+        per_example = optaxclip.per_example_grads(_model_loss, batch_argnums=(1, 2))(params, xs, ys)
+        fn = optaxclip.clipped_grad_sum(_model_loss, batch_argnums=(1, 2), microbatch_size=microbatch_size)
+        summed = self.variant(lambda p, x, y: fn(p, x, y, l2_norm_clip=0.5, mask=mask))(params, xs, ys)
+        assert isinstance(summed, optaxclip.ClippedGradSum)
+        tx = optaxclip.dp_aggregate(0.5, 1.3, jax.random.key(5))
+        a, sa = tx.update(per_example, tx.init(params), params, mask=mask)
+        b, sb = tx.update(summed, tx.init(params), params)
+        chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)  # same clip, same noise draw
+        chex.assert_trees_all_equal_shapes_and_dtypes(b, params)
+        for field in ("pre_clip_norm", "clipped", "nonfinite_count"):
+            np.testing.assert_allclose(getattr(sa.stats, field), getattr(sb.stats, field), rtol=1e-5)
+        assert int(sb.nonfinite_example_count) == 1
+
+    def test_matches_jax_privacy_and_optax(self):
+        clipping = pytest.importorskip("jax_privacy.clipping")
+        params, xs, ys = _model(seed=1, batch=16)
+        clip = 0.8
+        ours = optaxclip.clipped_grad_sum(_model_loss, batch_argnums=(1, 2), microbatch_size=4)
+        ours = jax.jit(lambda p, x, y: ours(p, x, y, l2_norm_clip=clip))(params, xs, ys).grads
+
+        def batch_loss(p, x, y):  # jax_privacy differentiates a batched loss, summed over rows
+            return jnp.sum(jax.vmap(_model_loss, in_axes=(None, 0, 0))(p, x, y))
+
+        theirs = clipping.clipped_grad(batch_loss, l2_clip_norm=clip, batch_argnums=(1, 2))(params, xs, ys)
+        chex.assert_trees_all_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        per_example = optaxclip.per_example_grads(_model_loss, batch_argnums=(1, 2))(params, xs, ys)
+        leaves, treedef = jax.tree.flatten(per_example)
+        optax_sum, _ = optax.per_example_global_norm_clip(leaves, clip)
+        chex.assert_trees_all_close(ours, treedef.unflatten(optax_sum), rtol=1e-5, atol=1e-6)
+
+    def test_microbatching_bounds_peak_memory(self):
+        rng = np.random.default_rng(0)
+        params = {"w": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32)}
+        xs = jnp.asarray(rng.normal(size=(64, 256)), jnp.float32)
+        loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"]) ** 2)
+
+        def temp(microbatch_size):
+            fn = optaxclip.clipped_grad_sum(loss, microbatch_size=microbatch_size)
+            step = jax.jit(lambda p, x: fn(p, x, l2_norm_clip=1.0).grads)
+            return step.lower(params, xs).compile().memory_analysis().temp_size_in_bytes
+
+        whole, micro = temp(None), temp(16)
+        assert whole >= 64 * 256 * 256 * 4  # batch x params float32 per-example gradients
+        assert micro <= whole / 3, (micro, whole)
+
+    def test_mask_argument_goes_to_clipped_grad_sum(self):
+        params, xs, ys = _model()
+        summed = optaxclip.clipped_grad_sum(_model_loss, batch_argnums=(1, 2))(
+            params, xs, ys, l2_norm_clip=1.0
+        )
+        tx = optaxclip.dp_aggregate(1.0, 0.0, jax.random.key(0))
+        with pytest.raises(ValueError, match="pass `mask` to `clipped_grad_sum`"):
+            tx.update(summed, tx.init(params), params, mask=np.ones(8, bool))
+        with pytest.raises(ValueError, match=r"`l2_norm_clip` must be > 0.*l2_norm_clip=-1"):
+            optaxclip.clipped_grad_sum(_model_loss, batch_argnums=(1, 2))(params, xs, ys, l2_norm_clip=-1.0)
+
+    def test_larger_clip_than_the_transform_gets_its_own_noise(self):
+        zeros = {"a": jnp.zeros((4, 20_000))}
+        summed = optaxclip.ClippedGradSum(
+            {"a": jnp.zeros(20_000)}, jnp.zeros(4), jnp.ones(4, bool), jnp.asarray(3.0)
+        )
+        tx = optaxclip.dp_aggregate(1.0, 1.0, jax.random.key(1), expected_batch_size=1)
+        small, _ = tx.update(zeros, tx.init(None))
+        big, _ = tx.update(summed, tx.init(None))
+        np.testing.assert_allclose(float(jnp.std(small["a"])), 1.0, rtol=0.03)
+        np.testing.assert_allclose(float(jnp.std(big["a"])), 3.0, rtol=0.03)
+
+
+# --- dp_adaptive_aggregate --------------------------------------------------------------
+
+
+class DPAdaptiveAggregateTest(chex.TestCase):
+    @parameterized.named_parameters(("median", 0.5), ("q80", 0.8))
+    def test_clip_norm_converges_to_the_target_quantile(self, target):
+        batch = 256
+        tx = optaxclip.dp_adaptive_aggregate(
+            0.01, 1.0, jax.random.key(0), expected_batch_size=batch, target_unclipped_quantile=target
+        )
+
+        @jax.jit
+        def run(state, key):
+            def body(state, k):
+                norms = jnp.exp(jax.random.normal(k, (batch,)))  # lognormal per-example norms
+                _, state = tx.update({"g": norms[:, None]}, state)
+                return state, state.l2_norm_clip
+
+            return jax.lax.scan(body, state, jax.random.split(key, 400))
+
+        state, clips = run(tx.init(None), jax.random.key(1))
+        truth = float(np.exp(jax.scipy.stats.norm.ppf(target)))
+        assert abs(float(jnp.mean(clips[-100:])) / truth - 1) < 0.1, (float(jnp.mean(clips[-100:])), truth)
+        assert abs(float(state.noised_unclipped_fraction) - target) < 0.15
+
+    def test_first_step_matches_dp_aggregate_with_raised_noise(self):
+        tree = per_example_tree(8)
+        z_grad, z_count = optaxclip.adaptive_noise_multipliers(1.2, 64)
+        np.testing.assert_allclose(z_grad, (1.2**-2 - (2 * 64 / 20) ** -2) ** -0.5)
+        np.testing.assert_allclose(z_count, 6.4)
+        ada = optaxclip.dp_adaptive_aggregate(0.7, 0.0, jax.random.key(0), expected_batch_size=64)
+        fixed = optaxclip.dp_aggregate(0.7, 0.0, jax.random.key(0), expected_batch_size=64)
+        a, state = jax.jit(ada.update)(tree, ada.init(None))
+        b, _ = fixed.update(tree, fixed.init(None))
+        chex.assert_trees_all_close(a, b, rtol=1e-6)
+        assert float(state.stats.threshold) == pytest.approx(0.7) and float(state.l2_norm_clip) != 0.7
+
+    def test_metrics_mark_nonprivate_values(self):
+        tx = optax.chain(
+            optaxclip.dp_adaptive_aggregate(1.0, 1.0, jax.random.key(0), expected_batch_size=64),
+            optax.sgd(0.1),
+        )
+        params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2, jnp.bfloat16)}
+        _, state = tx.update(per_example_tree(), tx.init(params), params)
+        m = optaxclip.metrics(state)
+        assert {"nonprivate/pre_clip_norm", "nonprivate/clip_count", "nonprivate/clipped"} <= set(m)
+        private = optaxclip.metrics(state, private_only=True)
+        assert set(private) == {
+            "l2_norm_clip",
+            "noised_unclipped_fraction",
+            "post_clip_norm",
+            "step_count",
+            "threshold",
+        }
+        assert "nonprivate/pre_clip_norm" in optaxclip.metrics(
+            optaxclip.dp_aggregate(1.0, 1.0, jax.random.key(0)).init(None)
+        )
+
+    def test_bad_arguments(self):
+        key = jax.random.key(0)
+        for kwargs, name in [
+            ({"initial_l2_norm_clip": -1.0}, "initial_l2_norm_clip"),
+            ({"noise_multiplier": -1.0}, "noise_multiplier"),
+            ({"target_unclipped_quantile": 1.0}, "target_unclipped_quantile"),
+            ({"clip_learning_rate": 0.0}, "clip_learning_rate"),
+            ({"expected_batch_size": 0}, "expected_batch_size"),
+            ({"clipped_count_stddev": 0.1}, "clipped_count_stddev"),
+        ]:
+            args = {"initial_l2_norm_clip": 1.0, "noise_multiplier": 1.0, "expected_batch_size": 64, **kwargs}
+            with pytest.raises(ValueError, match=rf"`{name}`.*{name}="):
+                optaxclip.dp_adaptive_aggregate(
+                    args.pop("initial_l2_norm_clip"), args.pop("noise_multiplier"), key, **args
+                )

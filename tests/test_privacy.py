@@ -5,6 +5,7 @@ import pytest
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
+import optaxclip  # noqa: E402
 from optaxclip import privacy  # noqa: E402
 
 
@@ -48,3 +49,22 @@ def test_poisson_batch_pads_to_fixed_size_with_mask():
     assert abs(np.mean(sizes) - 50) < 2  # Poisson: mean n * q
     with pytest.raises(ValueError, match="raise `batch_size`"):
         privacy.poisson_batch(rng, 1000, 0.5, 10)
+
+
+def test_adaptive_epsilon_equals_the_composed_queries():
+    z_grad, z_count = optaxclip.adaptive_noise_multipliers(1.1, 256)
+    step = dp_accounting.PoissonSampledDpEvent(
+        0.01,
+        dp_accounting.ComposedDpEvent(
+            [dp_accounting.GaussianDpEvent(z_grad), dp_accounting.GaussianDpEvent(z_count)]
+        ),
+    )
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(step, 1000))
+    eps = privacy.adaptive_epsilon(1.1, 0.01, 1000, 1e-5, 256, accountant="rdp")
+    assert eps == pytest.approx(acc.get_epsilon(1e-5))
+    # Theorem 1 (Andrew et al.): the two queries cost what one query at noise 1.1 costs.
+    for accountant in ("rdp", "pld"):
+        assert privacy.adaptive_epsilon(1.1, 0.01, 1000, 1e-5, 256, accountant=accountant) == pytest.approx(
+            privacy.epsilon(1.1, 0.01, 1000, 1e-5, accountant=accountant), rel=1e-6
+        )
