@@ -51,10 +51,10 @@ def stdlib_corpus(n_chars: int = 400_000) -> np.ndarray:
 class CharLSTM(nnx.Module):
     """Embedding -> `nnx.RNN` over an `nnx.LSTMCell` -> linear head."""
 
-    def __init__(self, hidden: int, *, rngs: nnx.Rngs, embed: int = 32):
-        self.embed = nnx.Embed(VOCAB, embed, rngs=rngs)
+    def __init__(self, hidden: int, *, rngs: nnx.Rngs, embed: int = 32, vocab: int = VOCAB):
+        self.embed = nnx.Embed(vocab, embed, rngs=rngs)
         self.rnn = nnx.RNN(nnx.LSTMCell(embed, hidden, rngs=rngs))
-        self.head = nnx.Linear(hidden, VOCAB, rngs=rngs)
+        self.head = nnx.Linear(hidden, vocab, rngs=rngs)
         self.hidden = hidden
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -82,4 +82,21 @@ out1, _ = dp_one.update(per_example, dp_one.init(None), mask=mask)
 for a, b in zip(jax.tree.leaves(out8), jax.tree.leaves(out1), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 print("dp 8 devices == 1 device")
+# The adaptive DP clip norm: the same released update and the same next clip norm.
+ada = optaxclip.dp_adaptive_aggregate(0.8, 1.0, jax.random.key(3), expected_batch_size=64, axis_name="x")
+ada_one = optaxclip.dp_adaptive_aggregate(0.8, 1.0, jax.random.key(3), expected_batch_size=64)
+
+
+def ada_local(g, m):
+    out, state = ada.update(g, ada.init(None), mask=m)
+    return out, state.l2_norm_clip
+
+
+fn = jax.jit(jax.shard_map(ada_local, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=(P(), P())))
+out8, clip8 = fn(shard(per_example), jax.device_put(mask, NamedSharding(mesh, P("x"))))
+out1, state1 = ada_one.update(per_example, ada_one.init(None), mask=mask)
+for a, b in zip(jax.tree.leaves(out8), jax.tree.leaves(out1), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+np.testing.assert_allclose(float(clip8), float(state1.l2_norm_clip), rtol=1e-6)
+print("dp_adaptive 8 devices == 1 device, next clip", float(clip8))
 print("SHARDING OK")

@@ -69,3 +69,25 @@ def test_toy_demo_clipped_run_survives_the_bad_batch(capsys):
     none = next(line for line in lines if line.startswith("no clipping")).split()
     clipped = next(line for line in lines if line.startswith("clip_by_global_norm")).split()
     assert float(none[-3]) > 1e5 and float(clipped[-3]) < 1.0  # loss right after the bad batch
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_dp_example_reports_epsilon_next_to_a_non_private_run(capsys, adaptive):
+    pytest.importorskip("dp_accounting")
+    from optaxclip import privacy
+
+    dp = load("dp_lstm")
+    argv = ["--steps", "3", "--batch", "8", "--microbatch", "4", "--seq-len", "8", "--hidden", "8"]
+    argv += ["--train-examples", "200", "--epsilon", "4", "--no-progress"] + (
+        ["--adaptive"] if adaptive else []
+    )
+    runs = dp.main(argv)
+    text = capsys.readouterr().out
+    assert [r["name"] for r in runs] == ["non-private", "DP-SGD"]
+    assert all(math.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in runs)
+    nm = float(text.split("noise multiplier ")[1].split()[0])
+    expected = (
+        privacy.adaptive_epsilon(nm, 0.04, 3, 1e-5, 8) if adaptive else privacy.epsilon(nm, 0.04, 3, 1e-5)
+    )
+    assert runs[1]["epsilon"] == pytest.approx(expected, rel=1e-2) and runs[1]["epsilon"] <= 4.0 + 1e-6
+    assert f"epsilon = {runs[1]['epsilon']:.3f}" in text

@@ -1,0 +1,38 @@
+"""Interleaved timing shared by the benchmarks: warm-up, repeats, medians."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, inner: int) -> dict[str, float]:
+    """Median seconds per call of each `steps[name]()` (which must block), variants interleaved.
+
+    Each variant is called twice first (compile and warm up); then every
+    repeat times `inner` calls of each variant in turn, so slow drifts of the
+    machine hit all variants alike.
+    """
+    for step in steps.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                step()
+            times[name].append((time.perf_counter() - t0) / inner)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def temp_bytes(jitted, *args) -> int:
+    """XLA's compiled temp allocation of `jitted(*args)` (its peak scratch memory)."""
+    return int(jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def block(tree) -> None:
+    jax.block_until_ready(tree)
