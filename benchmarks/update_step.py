@@ -1,21 +1,21 @@
 """Clipping + adam, one jitted training step, against adam alone, the floor and optax.
 
 Times `update + apply_updates` (params and optimizer state donated, as in a
-real loop) for: adam alone; adam plus one read pass (the floor); a
-hand-written fused global-norm clip + adam; optax's global-norm chain;
-optaxclip's global-norm chain; optaxclip's adaptive_clip (window and
-streaming estimators) and zscore_clip chains. Variants are interleaved,
-warmed up, and repeated; medians are reported with ratios and XLA's
-compiled temp size. Writes JSON next to it.
-
-Run: `make bench-step` (or `python benchmarks/update_step.py --sizes 1e6`).
+real loop) on a ~20-leaf model-shaped tree for: adam alone; adam plus one
+read pass (the floor); a hand-written fused global-norm clip + adam; every
+optaxclip transform chained before adam; and the optax counterparts
+(`clip_by_global_norm`, `clip`, `adaptive_grad_clip`, `clip_by_block_rms`).
+Variants are interleaved, warmed up and repeated; medians are reported with
+ratios to adam, to the fused version and to the optax counterpart, and
+XLA's compiled temp size. Run through `benchmarks/run.py` (`make bench`),
+or alone: `python benchmarks/update_step.py --sizes 1e6`.
 """
 
+from __future__ import annotations
+
 import argparse
-import json
 import pathlib
-import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,9 @@ import numpy as np
 import optax
 
 import optaxclip
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _timing import block, interleaved_medians, temp_bytes  # noqa: E402
 
 
 def model_tree(n_params: float, dtype=jnp.float32, seed=0):
@@ -87,27 +90,46 @@ def read_pass_adam():
     return optax.GradientTransformation(init, update)
 
 
+def _adam():
+    return optax.adam(1e-3)
+
+
+# name -> (factory, optax counterpart or None). Thresholds bind on these gradients.
 VARIANTS = {
-    "adam": lambda: optax.adam(1e-3),
-    "floor (adam + read pass)": read_pass_adam,
-    "fused clip+adam (hand)": fused_clip_adam,
-    "optax clip_by_global_norm+adam": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)),
-    "optaxclip clip_by_global_norm+adam": lambda: optax.chain(
-        optaxclip.clip_by_global_norm(1.0), optax.adam(1e-3)
+    "adam": (_adam, None),
+    "floor (adam + read pass)": (read_pass_adam, None),
+    "fused clip+adam (hand)": (fused_clip_adam, None),
+    "optax clip_by_global_norm": (lambda: optax.chain(optax.clip_by_global_norm(1.0), _adam()), None),
+    "optax clip": (lambda: optax.chain(optax.clip(0.01), _adam()), None),
+    "optax clip_by_block_rms": (lambda: optax.chain(optax.clip_by_block_rms(0.01), _adam()), None),
+    "optax adaptive_grad_clip": (lambda: optax.chain(optax.adaptive_grad_clip(0.01), _adam()), None),
+    "optaxclip clip_by_global_norm": (
+        lambda: optax.chain(optaxclip.clip_by_global_norm(1.0), _adam()),
+        "optax clip_by_global_norm",
     ),
-    "optaxclip adaptive_clip(window=1000)+adam": lambda: optax.chain(
-        optaxclip.adaptive_clip(window=1000), optax.adam(1e-3)
+    "optaxclip clip_by_value": (lambda: optax.chain(optaxclip.clip_by_value(0.01), _adam()), "optax clip"),
+    "optaxclip clip_by_leaf_norm": (
+        lambda: optax.chain(optaxclip.clip_by_leaf_norm(0.1), _adam()),
+        "optax clip_by_block_rms",
     ),
-    "optaxclip adaptive_clip(streaming)+adam": lambda: optax.chain(
-        optaxclip.adaptive_clip(estimator="streaming"), optax.adam(1e-3)
+    "optaxclip adaptive_grad_clip": (
+        lambda: optax.chain(optaxclip.adaptive_grad_clip(0.01), _adam()),
+        "optax adaptive_grad_clip",
     ),
-    "optaxclip zscore_clip+adam": lambda: optax.chain(optaxclip.zscore_clip(), optax.adam(1e-3)),
-    "optax clip(0.01)+adam": lambda: optax.chain(optax.clip(0.01), optax.adam(1e-3)),
-    "optaxclip clip_by_value(0.01)+adam": lambda: optax.chain(
-        optaxclip.clip_by_value(0.01), optax.adam(1e-3)
+    "optaxclip adaptive_clip(window=1000)": (
+        lambda: optax.chain(optaxclip.adaptive_clip(window=1000), _adam()),
+        "optax clip_by_global_norm",
+    ),
+    "optaxclip adaptive_clip(streaming)": (
+        lambda: optax.chain(optaxclip.adaptive_clip(estimator="streaming"), _adam()),
+        "optax clip_by_global_norm",
+    ),
+    "optaxclip zscore_clip": (
+        lambda: optax.chain(optaxclip.zscore_clip(), _adam()),
+        "optax clip_by_global_norm",
     ),
 }
-OPTAX_GLOBAL = "optax clip_by_global_norm+adam"
+FUSED, ADAM = "fused clip+adam (hand)", "adam"
 
 
 def make_step(tx):
@@ -118,87 +140,100 @@ def make_step(tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def bench(n_params, dtype, repeats, inner):
+def bench(n_params: float, dtype, repeats: int, inner: int, variants=None) -> list[dict]:
+    """One row per variant: median ms, ratios, XLA temp MiB (all chained before adam)."""
+    variants = variants or list(VARIANTS)
     params = model_tree(n_params, dtype)
     grads = jax.tree.map(lambda x: x * 100, model_tree(n_params, dtype, seed=1))
     n = sum(x.size for x in jax.tree.leaves(params))
-    runs = {}
-    for name, make in VARIANTS.items():
-        tx = make()
+    live, steps, temps = {}, {}, {}
+    for name in variants:
+        tx = VARIANTS[name][0]()
         step = make_step(tx)
         p = jax.tree.map(jnp.copy, params)
         s = tx.init(p)
-        temp = step.lower(p, s, grads).compile().memory_analysis().temp_size_in_bytes
-        for _ in range(3):  # warm-up
-            p, s = step(p, s, grads)
-        jax.block_until_ready(p)
-        runs[name] = {"step": step, "p": p, "s": s, "times": [], "temp_bytes": int(temp)}
-    for _ in range(repeats):  # interleaved
-        for r in runs.values():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                r["p"], r["s"] = r["step"](r["p"], r["s"], grads)
-            jax.block_until_ready(r["p"])
-            r["times"].append((time.perf_counter() - t0) / inner)
-    base = np.median(runs["adam"]["times"])
-    fused = np.median(runs["fused clip+adam (hand)"]["times"])
-    optax_global = np.median(runs[OPTAX_GLOBAL]["times"])
+        temps[name] = temp_bytes(step, p, s, grads)
+        live[name] = [p, s]
+
+        def run(name=name, step=step):
+            live[name][0], live[name][1] = step(live[name][0], live[name][1], grads)
+            block(live[name][0])
+
+        steps[name] = run
+    med = interleaved_medians(steps, repeats, inner)
     rows = []
-    for name, r in runs.items():
-        med = float(np.median(r["times"]))
+    for name in variants:
+        counterpart = VARIANTS[name][1]
         rows.append(
             {
                 "variant": name,
                 "params": n,
                 "dtype": jnp.dtype(dtype).name,
-                "median_ms": med * 1e3,
-                "vs_adam": med / base,
-                "vs_fused": med / fused,
-                "vs_optax_global": med / optax_global,
-                "temp_MiB": r["temp_bytes"] / 2**20,
+                "median_ms": med[name] * 1e3,
+                "vs_adam": med[name] / med[ADAM],
+                "vs_fused": med[name] / med[FUSED] if FUSED in med else None,
+                "counterpart": counterpart,
+                "vs_counterpart": med[name] / med[counterpart] if counterpart in med else None,
+                # The overhead target: (t - t_adam) <= (t_optax - t_adam) + 5% of t_adam.
+                "overhead_margin": (med[name] - med[counterpart]) / med[ADAM] if counterpart in med else None,
+                "temp_MiB": temps[name] / 2**20,
             }
         )
     return rows
 
 
-def main():
+def targets(rows: list[dict]) -> list[tuple[bool, str]]:
+    """The update-step targets of issue 6, each `(passed, line)`."""
+    out = []
+    for r in rows:
+        where = f"{r['params']:.2g} {r['dtype']} params"
+        if r["variant"] == "optaxclip clip_by_global_norm" and r["params"] >= 1e6:
+            out.append(
+                (
+                    r["vs_fused"] <= 1.05,
+                    f"global-norm chain vs hand-fused at {where}: {r['vs_fused']:.3f} (<= 1.05)",
+                )
+            )
+            # "No gradient-sized temp": under 1% of the gradient bytes.
+            limit = 0.01 * r["params"] * jnp.dtype(r["dtype"]).itemsize / 2**20
+            out.append(
+                (r["temp_MiB"] <= limit, f"global-norm chain temp at {where}: {r['temp_MiB']:.2f} MiB")
+            )
+        if r["variant"] == "optaxclip adaptive_clip(window=1000)" and r["params"] >= 1e6:
+            v = r["vs_counterpart"]
+            out.append(
+                (v <= 1.10, f"adaptive_clip(window=1000) vs optax global at {where}: {v:.3f} (<= 1.10)")
+            )
+        if r["overhead_margin"] is not None:
+            m = r["overhead_margin"]
+            out.append(
+                (
+                    m <= 0.05,
+                    f"{r['variant']} overhead minus {r['counterpart']}'s at {where}: "
+                    f"{m:+.3f} of adam (<= +0.05)",
+                )
+            )
+    return out
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1e6,1e7")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--inner", type=int, default=5)
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).with_name("results") / "update_step.json"))
-    args = ap.parse_args()
-    all_rows = []
-    print(
-        f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}, "
-        f"{platform.processor() or platform.machine()}\n"
-    )
-    print("| params | variant | median ms | vs adam | vs fused | vs optax global | XLA temp MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    args = ap.parse_args(argv)
+    rows = []
     for size in args.sizes.split(","):
-        for row in bench(float(size), jnp.float32, args.repeats, args.inner):
-            all_rows.append(row)
-            print(
-                f"| {row['params']:.2g} | {row['variant']} | {row['median_ms']:.2f} "
-                f"| {row['vs_adam']:.3f} "
-                f"| {row['vs_fused']:.3f} | {row['vs_optax_global']:.3f} | {row['temp_MiB']:.2f} |"
-            )
-    targets = [  # (variant, column, limit): the issues' targets, checked here
-        ("optaxclip clip_by_global_norm+adam", "vs_fused", 1.05),
-        ("optaxclip adaptive_clip(window=1000)+adam", "vs_optax_global", 1.10),
-    ]
-    for variant, column, limit in targets:
-        for r in (r for r in all_rows if r["variant"] == variant):
-            ok = r[column] <= limit
-            print(
-                f"{'PASS' if ok else 'MISS'}: {variant} at {r['params']:.2g} params: "
-                f"{column} = {r[column]:.3f} (target <= {limit})"
-            )
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"jax": jax.__version__, "optax": optax.__version__, "rows": all_rows}, indent=1)
-    )
+        rows += bench(float(size), jnp.dtype(args.dtype), args.repeats, args.inner)
+    for r in rows:
+        print(
+            f"| {r['params']:.2g} | {r['variant']} | {r['median_ms']:.2f} "
+            f"| {r['vs_adam']:.3f} | {r['temp_MiB']:.2f} |"
+        )
+    for ok, line in targets(rows):
+        print(("PASS: " if ok else "MISS: ") + line)
+    return rows
 
 
 if __name__ == "__main__":

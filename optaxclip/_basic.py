@@ -216,8 +216,10 @@ def clip_by_value(
 
         def clamp(g):
             x = g.astype(F32)
-            # Keep +-inf as it is: clamping would turn an overflow into the bound.
-            return jnp.where(jnp.isinf(x), x, jnp.clip(x, lo, hi)).astype(g.dtype)
+            # Keep +-inf (and NaN) as it is: clamping would turn an overflow into the
+            # bound. `x - x == 0` tests finiteness without an `abs` that XLA would
+            # share with the max-abs reduction below and so materialize.
+            return jnp.where(x - x == 0, jnp.clip(x, lo, hi), x).astype(g.dtype)
 
         leaves, treedef = jax.tree.flatten(updates)
         norms = jax.tree.leaves(_tree.leaf_norms(leaves))
@@ -235,7 +237,7 @@ def clip_by_value(
         finite = jnp.isfinite(pre)
         # A non-finite step is counted as such and never as clipped, as in the norm clips.
         clamped = [f & finite for f in clamped]
-        post = _tree.combine_norms(_tree.clamped_norms(leaves, lo, hi, norms, clamped))
+        post = _tree.combine_norms(_tree.clamped_norms(leaves, lo, hi, norms, clamped, min_value is None))
         stats = _stats.record(
             state,
             pre_clip_norm=pre,

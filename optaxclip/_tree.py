@@ -135,23 +135,38 @@ def batch_global_norms(tree) -> jax.Array:
 
 
 def clamped_norms(
-    leaves: Sequence[jax.Array], lo: jax.Array, hi: jax.Array, norms: Sequence[jax.Array], clamped
+    leaves: Sequence[jax.Array],
+    lo: jax.Array,
+    hi: jax.Array,
+    norms: Sequence[jax.Array],
+    clamped: Sequence[jax.Array],
+    symmetric: bool,
 ) -> list[jax.Array]:
     """Norm of each `clip(x, lo, hi)`, where `clamped` says some element left the range.
 
     A leaf with nothing clamped keeps its norm from `norms` and its data is
     not read again; only the others take a second read, in a per-leaf
-    `lax.cond` whose operand is the leaf itself (no clamped copy is made).
-    Values are scaled by a power of two near `max(|lo|, |hi|)` before
-    squaring, so no bound can overflow; contributions below about 1e-19 of
-    that bound are lost to float32 underflow.
+    `lax.cond` whose operand is the leaf itself. With `symmetric`
+    (`lo == -hi`) the read sums `min(x**2, hi**2)`, which XLA fuses into
+    the reduction; a general clamp inside a reduction makes XLA CPU
+    materialize a clamped copy first. Values are scaled by a power of two
+    near `max(|lo|, |hi|)` before squaring, so no bound can overflow;
+    contributions below about 1e-19 of that bound are lost to float32
+    underflow.
     """
     k = _exponent(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
 
     def one(x, norm, flag):
         def reread(x):
-            c = jnp.minimum(jnp.maximum(x.astype(F32), lo), hi) * _pow2(-k)
-            return jnp.sqrt(jnp.sum(jnp.square(c))) * _pow2(k)
+            x = x.astype(F32) * _pow2(-k)
+            if symmetric:
+                # The barrier stops XLA from rewriting (hi * 2**-k)**2 as hi**2 * 2**-2k,
+                # which is inf * 0 = NaN for a bound near 1e30.
+                b = jax.lax.optimization_barrier(hi * _pow2(-k))
+                sq = jnp.minimum(jnp.square(x), b * b)
+            else:
+                sq = jnp.square(jnp.minimum(jnp.maximum(x, lo * _pow2(-k)), hi * _pow2(-k)))
+            return jnp.sqrt(jnp.sum(sq)) * _pow2(k)
 
         return jax.lax.cond(flag, reread, lambda _: norm, x)
 
