@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test format compare bench-step clean
+.PHONY: demo test format compare bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,13 @@ test: $(VENV)/.installed-dev,examples,dp
 compare: $(VENV)/.installed-dev
 	$(PY) scripts/compare_optax.py
 
-# Each clip chained before adam, against adam alone, the floor, a hand-fused clip + adam, optax.
-bench-step: $(VENV)/.installed-dev
-	$(PY) benchmarks/update_step.py
+# Every transform chained before adam against optax's, and the DP step against jax_privacy:
+# writes benchmarks/results/bench{,-quick}.{json,md} and a scaling plot (see benchmarks/README.md).
+bench: $(VENV)/.installed-dev,examples,dp
+	$(PY) benchmarks/run.py
+
+bench-quick: $(VENV)/.installed-dev,examples,dp
+	$(PY) benchmarks/run.py --quick
 
 format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .
