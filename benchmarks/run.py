@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -67,8 +68,8 @@ def markdown(meta: dict, update_rows: list[dict], dp_rows: list[dict], checks: l
     ]
     for r in update_rows:
         out.append(
-            f"| {r['params']:.2g} | {r['dtype']} | {r['variant']} | {r['median_ms']:.2f} | {r['vs_adam']:.3f} "
-            f"| {_fmt(r['vs_fused'], '.3f')} | {_fmt(r['vs_counterpart'], '.3f')} "
+            f"| {r['params']:.2g} | {r['dtype']} | {r['variant']} | {r['median_ms']:.2f} "
+            f"| {r['vs_adam']:.3f} | {_fmt(r['vs_fused'], '.3f')} | {_fmt(r['vs_counterpart'], '.3f')} "
             f"| {_fmt(r['overhead_margin'], '+.3f')} | {r['temp_MiB']:.2f} |"
         )
     out += [
@@ -160,8 +161,8 @@ def main(argv=None) -> int:
 
     meta = {
         "plan": plan_name,
-        "machine": f"{platform.machine()}, {platform.system()}, {len(jax.devices())} {jax.devices()[0].platform} "
-        f"device(s), {__import__('os').cpu_count()} CPU cores",
+        "machine": f"{platform.machine()}, {platform.system()}, {os.cpu_count()} CPU cores, "
+        f"{len(jax.devices())} {jax.devices()[0].platform} device(s)",
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "optax": optax.__version__,
