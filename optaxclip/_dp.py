@@ -63,22 +63,10 @@ def per_example_grads(
         vgrad = jax.vmap(grad_fn, in_axes=in_axes)
         if microbatch_size is None:
             return vgrad(*args)
-        batch = jax.tree.leaves(args[batch_argnums[0]])[0].shape[0]
-        chunks = _chunks("per_example_grads", batch, microbatch_size)
-
-        def split(x):
-            return x.reshape(chunks, microbatch_size, *x.shape[1:])
-
-        batched_args = [jax.tree.map(split, args[i]) for i in batch_argnums]
-
-        def one(chunk):
-            full = list(args)
-            for i, c in zip(batch_argnums, chunk, strict=True):
-                full[i] = c
-            return vgrad(*full)
-
-        out = jax.lax.map(one, batched_args)
-        return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), out)
+        _, out = _microbatched(
+            "per_example_grads", args, batch_argnums, microbatch_size, lambda c, full: (c, vgrad(*full)), None
+        )
+        return out
 
     return batched
 
@@ -196,35 +184,44 @@ def clipped_grad_sum(
         if microbatch_size is None:
             grads, norms, aux = chunk_sum(args, real, clip)
         else:
-            chunks = _chunks(fn, batch, microbatch_size)
-            split = lambda x: x.reshape(chunks, microbatch_size, *x.shape[1:])
-            xs = ([jax.tree.map(split, args[i]) for i in batch_argnums], split(real))
 
-            def body(total, chunk):
-                full = list(args)
-                for i, c in zip(batch_argnums, chunk[0], strict=True):
-                    full[i] = c
-                part, norms, aux = chunk_sum(full, chunk[1], clip)
+            def body(total, full, mask):
+                part, norms, aux = chunk_sum(full, mask, clip)
                 return jax.tree.map(jnp.add, total, part), (norms, aux)
 
             shapes = jax.eval_shape(lambda: chunk_sum(args, real, clip)[0])
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, F32), shapes)
-            grads, (norms, aux) = jax.lax.scan(body, zeros, xs)
-            norms = norms.reshape(batch)
-            aux = jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), aux)
+            grads, (norms, aux) = _microbatched(fn, args, batch_argnums, microbatch_size, body, zeros, real)
         result = ClippedGradSum(grads, norms, real, clip)
         return (result, aux) if has_aux else result
 
     return run
 
 
-def _chunks(fn: str, batch: int, microbatch_size: int) -> int:
+def _microbatched(fn: str, args, batch_argnums, microbatch_size: int, per_chunk, carry, *extra):
+    """Runs `per_chunk(carry, chunk_args, *chunk_extra) -> (carry, out)` over sequential chunks.
+
+    The `batch_argnums` arguments and the `extra` arrays (batch axis first)
+    are split into chunks of `microbatch_size` rows; returns the final carry
+    and the chunks' outputs with the batch axis restored.
+    """
+    batch = jax.tree.leaves(args[batch_argnums[0]])[0].shape[0]
     if batch % microbatch_size:
         raise ValueError(
             f"{fn}: the batch size ({batch}) must be a multiple of "
             f"`microbatch_size`, got microbatch_size={microbatch_size}."
         )
-    return batch // microbatch_size
+    split = lambda x: x.reshape(batch // microbatch_size, microbatch_size, *x.shape[1:])
+    xs = ([jax.tree.map(split, args[i]) for i in batch_argnums], [split(e) for e in extra])
+
+    def body(c, chunk):
+        full = list(args)
+        for i, a in zip(batch_argnums, chunk[0], strict=True):
+            full[i] = a
+        return per_chunk(c, full, *chunk[1])
+
+    carry, out = jax.lax.scan(body, carry, xs)
+    return carry, jax.tree.map(lambda y: y.reshape(batch, *y.shape[2:]), out)
 
 
 _NONPRIVATE = frozenset(

@@ -203,6 +203,9 @@ class ClippedGradSumTest(chex.TestCase):
             np.testing.assert_allclose(getattr(sa.stats, field), getattr(sb.stats, field), rtol=1e-5)
         assert int(sb.nonfinite_example_count) == 1
 
+    @pytest.mark.filterwarnings(
+        "ignore:optax.global_norm is deprecated:DeprecationWarning"
+    )  # optax's own call
     def test_matches_jax_privacy_and_optax(self):
         clipping = pytest.importorskip("jax_privacy.clipping")
         params, xs, ys = _model(seed=1, batch=16)
