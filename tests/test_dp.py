@@ -334,3 +334,19 @@ class DPAdaptiveAggregateTest(chex.TestCase):
                 optaxclip.dp_adaptive_aggregate(
                     args.pop("initial_l2_norm_clip"), args.pop("noise_multiplier"), key, **args
                 )
+
+
+def test_clipped_grad_sum_returns_per_example_aux_through_microbatches():
+    aux_loss = lambda w, x: (_loss(w, x), jnp.sum(x))
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    xs = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+    micro = optaxclip.clipped_grad_sum(aux_loss, has_aux=True, microbatch_size=2)
+    summed, aux = jax.jit(lambda w, x: micro(w, x, l2_norm_clip=0.5))(w, xs)
+    whole, whole_aux = optaxclip.clipped_grad_sum(aux_loss, has_aux=True)(w, xs, l2_norm_clip=0.5)
+    chex.assert_trees_all_close(aux, jnp.sum(xs, axis=1), rtol=1e-6)
+    chex.assert_trees_all_close(whole_aux, aux, rtol=1e-6)
+    chex.assert_trees_all_close(summed.grads, whole.grads, rtol=1e-5, atol=1e-6)
+    assert summed.norms.shape == (8,) and bool(jnp.all(summed.mask))
+    with pytest.raises(ValueError, match="multiple of `microbatch_size`"):
+        optaxclip.clipped_grad_sum(aux_loss, has_aux=True, microbatch_size=3)(w, xs, l2_norm_clip=0.5)
