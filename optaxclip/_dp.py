@@ -476,7 +476,8 @@ def dp_adaptive_aggregate(
 
     Args:
       initial_l2_norm_clip: The first step's clip norm; > 0.
-      noise_multiplier: Total noise multiplier of the two queries; >= 0.
+      noise_multiplier: Total noise multiplier of the two queries; >= 0. A
+        Python number: it is split between the queries at construction.
       key: A PRNG key (typed or legacy).
       expected_batch_size: Expected examples per batch (Poisson sampling);
         the gradient sum and the count are divided by it; >= 1.
