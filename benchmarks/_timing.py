@@ -36,3 +36,9 @@ def temp_bytes(jitted, *args) -> int:
 
 def block(tree) -> None:
     jax.block_until_ready(tree)
+
+
+def print_checks(checks: list[tuple[bool, str]]) -> None:
+    """Prints each target check as `PASS: ...` or `MISS: ...`."""
+    for ok, line in checks:
+        print(("PASS: " if ok else "MISS: ") + line)

@@ -34,14 +34,14 @@ import optaxclip
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
-from _timing import block, interleaved_medians, temp_bytes  # noqa: E402
+from _timing import block, interleaved_medians, print_checks, temp_bytes  # noqa: E402
 from lstm_exploding import CharLSTM  # noqa: E402
 
 VOCAB, SEQ, CLIP, NOISE, MICRO = 64, 64, 1.0, 1.1, 16
 
 
 def make_variants(hidden: int, batch: int):
-    """`{name: (step, params, opt_state)}`: each step is `(params, state, x, y) -> (params, state)`."""
+    """`({name: (step, init)}, params)`, with `step(params, state, x, y) -> (params, state)`."""
     from jax_privacy import clipping
 
     model = CharLSTM(hidden, rngs=nnx.Rngs(0), vocab=VOCAB)
@@ -62,7 +62,7 @@ def make_variants(hidden: int, batch: int):
             updates, s = tx.update(grads_of(p, x, y), s, p)
             return optax.apply_updates(p, updates), s
 
-        return jax.jit(step, donate_argnums=(0, 1)), tx
+        return jax.jit(step, donate_argnums=(0, 1)), tx.init
 
     per_example = optaxclip.per_example_grads(example_loss, batch_argnums=(1, 2))
     summed = optaxclip.clipped_grad_sum(example_loss, batch_argnums=(1, 2), microbatch_size=MICRO)
@@ -100,7 +100,7 @@ def make_variants(hidden: int, batch: int):
             updates, inner = adam.update(treedef.unflatten(noisy), inner, p)
             return optax.apply_updates(p, updates), (inner, k)
 
-        return jax.jit(step, donate_argnums=(0, 1)), optax.GradientTransformation(init, None)
+        return jax.jit(step, donate_argnums=(0, 1)), init
 
     variants["jax_privacy"] = jax_privacy_step(None)
     variants[f"jax_privacy mb{MICRO}"] = jax_privacy_step(MICRO)
@@ -114,9 +114,9 @@ def bench(hidden: int, batch: int, repeats: int, inner: int) -> list[dict]:
     x, y = tokens[:, :-1], tokens[:, 1:]
     n_params = sum(v.size for v in jax.tree.leaves(params))
     live, steps, temps = {}, {}, {}
-    for name, (step, tx) in variants.items():
+    for name, (step, init) in variants.items():
         p = jax.tree.map(jnp.copy, params)
-        s = jax.tree.map(jnp.copy, tx.init(p))  # own buffers: states are donated
+        s = jax.tree.map(jnp.copy, init(p))  # own buffers: states are donated
         temps[name] = temp_bytes(step, p, s, x, y)
         live[name] = [p, s]
 
@@ -179,8 +179,7 @@ def main(argv=None):
             f"| {r['hidden']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} "
             f"| {r['vs_nonprivate']:.2f} | {r['vs_jax_privacy']:.3f} | {r['temp_MiB']:.1f} |"
         )
-    for ok, line in targets(rows):
-        print(("PASS: " if ok else "MISS: ") + line)
+    print_checks(targets(rows))
     return rows
 
 

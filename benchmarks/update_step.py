@@ -25,7 +25,7 @@ import optax
 import optaxclip
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _timing import block, interleaved_medians, temp_bytes  # noqa: E402
+from _timing import block, interleaved_medians, print_checks, temp_bytes  # noqa: E402
 
 
 def model_tree(n_params: float, dtype=jnp.float32, seed=0):
@@ -233,8 +233,7 @@ def main(argv=None):
             f"| {r['params']:.2g} | {r['variant']} | {r['median_ms']:.2f} "
             f"| {r['vs_adam']:.3f} | {r['temp_MiB']:.2f} |"
         )
-    for ok, line in targets(rows):
-        print(("PASS: " if ok else "MISS: ") + line)
+    print_checks(targets(rows))
     return rows
 
 

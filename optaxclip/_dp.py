@@ -14,6 +14,10 @@ from . import _checks, _stats, _tree
 F32 = jnp.float32
 
 
+def _as_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
+    return (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+
 def per_example_grads(
     loss_fn: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
@@ -53,7 +57,7 @@ def per_example_grads(
       Abadi et al., Deep Learning with Differential Privacy, 2016.
       https://arxiv.org/abs/1607.00133
     """
-    batch_argnums = (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+    batch_argnums = _as_tuple(batch_argnums)
     if microbatch_size is not None:
         _checks.integer_at_least("per_example_grads", "microbatch_size", microbatch_size, 1)
     grad_fn = jax.grad(loss_fn, argnums=argnums, has_aux=has_aux)
@@ -167,7 +171,7 @@ def clipped_grad_sum(
     if microbatch_size is not None:
         _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1)
     grads_of = per_example_grads(loss_fn, argnums, batch_argnums, has_aux=has_aux)
-    batch_argnums = (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+    batch_argnums = _as_tuple(batch_argnums)
 
     def chunk_sum(args, mask, clip):
         out = grads_of(*args)
@@ -189,8 +193,9 @@ def clipped_grad_sum(
                 part, norms, aux = chunk_sum(full, mask, clip)
                 return jax.tree.map(jnp.add, total, part), (norms, aux)
 
-            shapes = jax.eval_shape(lambda: chunk_sum(args, real, clip)[0])
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, F32), shapes)
+            # The sum has the structure of the differentiated arguments, as jax.grad's output.
+            wrt = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+            zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), F32), wrt)
             grads, (norms, aux) = _microbatched(fn, args, batch_argnums, microbatch_size, body, zeros, real)
         result = ClippedGradSum(grads, norms, real, clip)
         return (result, aux) if has_aux else result

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _checks
+from ._dp import adaptive_noise_multipliers
 
 ACCOUNTANTS = ("pld", "rdp")
 
@@ -114,8 +115,6 @@ def adaptive_epsilon(
       Andrew et al., Differentially Private Learning with Adaptive Clipping,
       2021. https://arxiv.org/abs/1905.03871
     """
-    from ._dp import adaptive_noise_multipliers
-
     _check("adaptive_epsilon", noise_multiplier, sampling_rate, steps, delta, accountant)
     z_grad, z_count = adaptive_noise_multipliers(noise_multiplier, expected_batch_size, clipped_count_stddev)
     acc = _accountant(accountant)

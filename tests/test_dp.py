@@ -286,17 +286,26 @@ class DPAdaptiveAggregateTest(chex.TestCase):
         assert abs(float(jnp.mean(clips[-100:])) / truth - 1) < 0.1, (float(jnp.mean(clips[-100:])), truth)
         assert abs(float(state.noised_unclipped_fraction) - target) < 0.15
 
-    def test_first_step_matches_dp_aggregate_with_raised_noise(self):
+    def test_first_step_without_noise_matches_dp_aggregate(self):
         tree = per_example_tree(8)
-        z_grad, z_count = optaxclip.adaptive_noise_multipliers(1.2, 64)
-        np.testing.assert_allclose(z_grad, (1.2**-2 - (2 * 64 / 20) ** -2) ** -0.5)
-        np.testing.assert_allclose(z_count, 6.4)
         ada = optaxclip.dp_adaptive_aggregate(0.7, 0.0, jax.random.key(0), expected_batch_size=64)
         fixed = optaxclip.dp_aggregate(0.7, 0.0, jax.random.key(0), expected_batch_size=64)
         a, state = jax.jit(ada.update)(tree, ada.init(None))
         b, _ = fixed.update(tree, fixed.init(None))
         chex.assert_trees_all_close(a, b, rtol=1e-6)
         assert float(state.stats.threshold) == pytest.approx(0.7) and float(state.l2_norm_clip) != 0.7
+
+    def test_gradient_noise_is_raised_by_theorem_1(self):
+        # Batch 16: count std 0.8, so z = 1.2 becomes z_grad = (1.2**-2 - 1.6**-2)**-0.5 = 1.814.
+        z_grad, z_count = optaxclip.adaptive_noise_multipliers(1.2, 16)
+        np.testing.assert_allclose([z_grad, z_count], [(1.2**-2 - 1.6**-2) ** -0.5, 1.6])
+        zeros = {"a": jnp.zeros((4, 40_000)), "b": jnp.zeros((4, 40_000))}
+        tx = optaxclip.dp_adaptive_aggregate(2.0, 1.2, jax.random.key(3), expected_batch_size=16)
+        out, _ = jax.jit(tx.update)(zeros, tx.init(None))
+        for x in jax.tree.leaves(out):  # std z_grad * C / B, not z * C / B (33% smaller)
+            np.testing.assert_allclose(float(jnp.std(x)), z_grad * 2.0 / 16, rtol=0.03)
+        with pytest.raises(ValueError, match=r"`clipped_count_stddev` must be > noise_multiplier / 2"):
+            optaxclip.adaptive_noise_multipliers(2.0, 16, clipped_count_stddev=1.0)
 
     def test_metrics_mark_nonprivate_values(self):
         tx = optax.chain(
@@ -350,3 +359,13 @@ def test_clipped_grad_sum_returns_per_example_aux_through_microbatches():
     assert summed.norms.shape == (8,) and bool(jnp.all(summed.mask))
     with pytest.raises(ValueError, match="multiple of `microbatch_size`"):
         optaxclip.clipped_grad_sum(aux_loss, has_aux=True, microbatch_size=3)(w, xs, l2_norm_clip=0.5)
+
+
+def test_clipped_grad_sum_with_several_differentiated_arguments():
+    loss = lambda a, b, x: (jnp.sum(a * x) * jnp.sum(b)) ** 2
+    a, b = jnp.ones(3), jnp.asarray([0.5, -1.0])
+    xs = jnp.arange(12.0).reshape(4, 3)
+    micro = optaxclip.clipped_grad_sum(loss, argnums=(0, 1), batch_argnums=2, microbatch_size=2)
+    whole = optaxclip.per_example_grads(loss, argnums=(0, 1), batch_argnums=2)(a, b, xs)
+    expected = reference(whole, 1.0, denom=1)  # the clipped sum, in float64
+    chex.assert_trees_all_close(micro(a, b, xs, l2_norm_clip=1.0).grads, expected, rtol=1e-5)
