@@ -184,7 +184,9 @@ def diagnose(
                     "warning",
                     f"clipping fired on {rate:.0%} of steps.",
                     "the threshold is too low for this model, or the learning rate is too high",
-                    f"raise the threshold (suggested: {_suggest_or_nan(x):.3g}) or lower the learning rate",
+                    f"raise the threshold (suggested global-norm max_norm: {_suggest_or_nan(x):.3g}) "
+                    "or lower the learning rate; value clipping and AGC act on elements or units "
+                    "and fire on most steps by design",
                     tuple(int(s) for s in np.flatnonzero(flags)[:20]),
                 )
             )
@@ -195,7 +197,8 @@ def diagnose(
                     "info",
                     f"clipping fired on {rate:.1%} of {int(active.sum())} steps.",
                     "the threshold is above nearly every norm: it only guards against extreme spikes",
-                    f"keep it if that is the intent; else lower it (suggested: {_suggest_or_nan(x):.3g})",
+                    "keep it if that is the intent; else lower it "
+                    f"(suggested global-norm max_norm: {_suggest_or_nan(x):.3g})",
                 )
             )
 
