@@ -4,11 +4,11 @@ A character-level language model on the Python standard library's own
 source files (every Python install has them), trained with plain SGD as in
 Pascanu et al. 2013, its learning rate warmed up over 100 steps to 25: a
 rate at which the unclipped run hits gradient spikes that throw its loss far
-above a uniform guess's, and it never gets back to where it was. The same model, data and seed
-are trained with each clipping configuration; per-step metrics are read
-from the optimizer state with `optaxclip.metrics` and saved as CSV, a figure
-shows loss and pre-clip norm per step, a table sums each run up, and
-`optaxclip.diagnose` says what each norm history means.
+above a uniform guess's, and it never gets back to where it was. The same
+model, data and seed are trained with each clipping configuration; per-step
+metrics are read from the optimizer state with `optaxclip.metrics` and saved
+as CSV, a figure shows loss and pre-clip norm per step, a table sums each
+run up, and `optaxclip.diagnose` says what each norm history means.
 
 Run: `make demo`, or `python examples/lstm_exploding.py --help` for flags.
 Runs on GPU/TPU when JAX has one, on the CPU otherwise.
