@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -34,8 +35,30 @@ def temp_bytes(jitted, *args) -> int:
     return int(jitted.lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
-def block(tree) -> None:
-    jax.block_until_ready(tree)
+def time_donated_steps(
+    variants: dict[str, tuple[Callable, Callable]], params, extra: tuple, repeats: int, inner: int
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Times training steps that donate params and state, as in a real loop.
+
+    `variants[name] = (step, init)`, with the jitted `step(params, state,
+    *extra) -> (params, state)` and `init(params) -> state`. Each variant
+    gets its own copies of `params` and its state (donation consumes them)
+    and carries its outputs into its next call. Returns the median seconds
+    per step (`interleaved_medians`) and XLA's compiled temp bytes, by name.
+    """
+    live, steps, temps = {}, {}, {}
+    for name, (step, init) in variants.items():
+        p = jax.tree.map(jnp.copy, params)
+        s = jax.tree.map(jnp.copy, init(p))
+        temps[name] = temp_bytes(step, p, s, *extra)
+        live[name] = [p, s]
+
+        def run(name=name, step=step):
+            live[name][0], live[name][1] = step(live[name][0], live[name][1], *extra)
+            jax.block_until_ready(live[name][0])
+
+        steps[name] = run
+    return interleaved_medians(steps, repeats, inner), temps
 
 
 def print_checks(checks: list[tuple[bool, str]]) -> None:

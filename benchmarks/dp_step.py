@@ -34,7 +34,7 @@ import optaxclip
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
-from _timing import block, interleaved_medians, print_checks, temp_bytes  # noqa: E402
+from _timing import print_checks, time_donated_steps  # noqa: E402
 from lstm_exploding import CharLSTM  # noqa: E402
 
 VOCAB, SEQ, CLIP, NOISE, MICRO = 64, 64, 1.0, 1.1, 16
@@ -113,19 +113,7 @@ def bench(hidden: int, batch: int, repeats: int, inner: int) -> list[dict]:
     tokens = jnp.asarray(rng.integers(0, VOCAB, (batch, SEQ + 1)), jnp.int32)
     x, y = tokens[:, :-1], tokens[:, 1:]
     n_params = sum(v.size for v in jax.tree.leaves(params))
-    live, steps, temps = {}, {}, {}
-    for name, (step, init) in variants.items():
-        p = jax.tree.map(jnp.copy, params)
-        s = jax.tree.map(jnp.copy, init(p))  # own buffers: states are donated
-        temps[name] = temp_bytes(step, p, s, x, y)
-        live[name] = [p, s]
-
-        def run(name=name, step=step):
-            live[name][0], live[name][1] = step(live[name][0], live[name][1], x, y)
-            block(live[name][0])
-
-        steps[name] = run
-    medians = interleaved_medians(steps, repeats, inner)
+    medians, temps = time_donated_steps(variants, params, (x, y), repeats, inner)
     base = medians["non-private"]
     rows = []
     for name, med in medians.items():

@@ -25,7 +25,7 @@ import optax
 import optaxclip
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _timing import block, interleaved_medians, print_checks, temp_bytes  # noqa: E402
+from _timing import print_checks, time_donated_steps  # noqa: E402
 
 
 def model_tree(n_params: float, dtype=jnp.float32, seed=0):
@@ -146,21 +146,9 @@ def bench(n_params: float, dtype, repeats: int, inner: int, variants=None) -> li
     params = model_tree(n_params, dtype)
     grads = jax.tree.map(lambda x: x * 100, model_tree(n_params, dtype, seed=1))
     n = sum(x.size for x in jax.tree.leaves(params))
-    live, steps, temps = {}, {}, {}
-    for name in variants:
-        tx = VARIANTS[name][0]()
-        step = make_step(tx)
-        p = jax.tree.map(jnp.copy, params)
-        s = tx.init(p)
-        temps[name] = temp_bytes(step, p, s, grads)
-        live[name] = [p, s]
-
-        def run(name=name, step=step):
-            live[name][0], live[name][1] = step(live[name][0], live[name][1], grads)
-            block(live[name][0])
-
-        steps[name] = run
-    med = interleaved_medians(steps, repeats, inner)
+    txs = {name: VARIANTS[name][0]() for name in variants}
+    steps = {name: (make_step(tx), tx.init) for name, tx in txs.items()}
+    med, temps = time_donated_steps(steps, params, (grads,), repeats, inner)
     rows = []
     for name in variants:
         counterpart = VARIANTS[name][1]

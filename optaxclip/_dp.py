@@ -258,10 +258,11 @@ class DPAggregateState(NamedTuple):
     NONPRIVATE_FIELDS = _NONPRIVATE
 
 
-def _aggregate(fn, updates, clip, std, denom, noise_key, mask, params, axis_name):
-    """Clip (unless already), sum, psum, add noise, normalize: the shared DP step.
+def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, axis_name):
+    """Clip (unless already), sum, psum, add noise, normalize, record: the shared DP step.
 
-    Returns `(released, norms, real, dropped, clipped_any)`.
+    Returns `(released, stats, norms, real, dropped)`. The stats' threshold
+    is the clip norm actually applied (a `ClippedGradSum`'s own, if larger).
     """
     if isinstance(updates, ClippedGradSum):
         leaves, treedef = jax.tree.flatten(updates.grads)
@@ -293,17 +294,15 @@ def _aggregate(fn, updates, clip, std, denom, noise_key, mask, params, axis_name
     for i, (ref, s) in enumerate(zip(like, sums, strict=True)):
         noise = jax.random.normal(jax.random.fold_in(noise_key, i), s.shape, F32)
         out.append(((s + std * noise) / denom).astype(ref.dtype))
-    return treedef.unflatten(out), norms, real, dropped, clipped_any
-
-
-def _record(stats, released, norms, real, clip, clipped_any):
-    return _stats.record(
+    released = treedef.unflatten(out)
+    stats = _stats.record(
         stats,
         pre_clip_norm=_tree.combine_norms([jnp.where(real, norms, 0.0)]),  # padding excluded
         post_clip_norm=_tree.global_norm(released),
         threshold=clip,
         clipped=clipped_any,
     )
+    return released, stats, norms, real, dropped
 
 
 def dp_aggregate(
@@ -377,10 +376,9 @@ def dp_aggregate(
         clip = jnp.asarray(l2_norm_clip, F32)
         next_key, noise_key = jax.random.split(state.rng_key)
         std = jnp.asarray(noise_multiplier, F32) * clip
-        released, norms, real, dropped, clipped_any = _aggregate(
-            fn, updates, clip, std, expected_batch_size, noise_key, mask, params, axis_name
+        released, stats, _, _, dropped = _aggregate(
+            fn, updates, state.stats, clip, std, expected_batch_size, noise_key, mask, params, axis_name
         )
-        stats = _record(state.stats, released, norms, real, clip, clipped_any)
         return released, DPAggregateState(stats, next_key, state.nonfinite_example_count + dropped)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -537,8 +535,17 @@ def dp_adaptive_aggregate(
         del extra_args
         clip = state.l2_norm_clip
         next_key, noise_key, count_key = jax.random.split(state.rng_key, 3)
-        released, norms, real, dropped, clipped_any = _aggregate(
-            fn, updates, clip, z_grad * clip, expected_batch_size, noise_key, mask, params, axis_name
+        released, stats, norms, real, dropped = _aggregate(
+            fn,
+            updates,
+            state.stats,
+            clip,
+            z_grad * clip,
+            expected_batch_size,
+            noise_key,
+            mask,
+            params,
+            axis_name,
         )
         # Centered bits: each real example adds +-1/2, so the count's sensitivity is 1/2.
         bits = jnp.where(real, jnp.where(norms <= clip, 0.5, -0.5), 0.0)
@@ -548,7 +555,6 @@ def dp_adaptive_aggregate(
         noised = count + count_std * jax.random.normal(count_key, (), F32)
         fraction = noised / expected_batch_size + 0.5
         new_clip = clip * jnp.exp(-clip_learning_rate * (fraction - target_unclipped_quantile))
-        stats = _record(state.stats, released, norms, real, clip, clipped_any)
         return released, DPAdaptiveAggregateState(
             stats, next_key, state.nonfinite_example_count + dropped, new_clip, fraction
         )

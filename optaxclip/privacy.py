@@ -95,9 +95,10 @@ def adaptive_epsilon(
     same arguments as the transform. The RDP accountant composes the two
     Gaussian queries inside each sampled step; `dp_accounting`'s PLD
     accountant cannot, so it accounts the single Gaussian query they are
-    equivalent to, noise multiplier `(z_grad**-2 + z_count**-2)**-0.5`
-    (Andrew et al. 2021, Theorem 1). Both equal
-    `epsilon(noise_multiplier, ...)` up to float rounding.
+    equivalent to, `(z_grad**-2 + z_count**-2)**-0.5`, which is
+    `noise_multiplier` itself (Andrew et al. 2021, Theorem 1): under PLD this
+    is `epsilon(noise_multiplier, ...)`, and under RDP the composition equals
+    it up to float rounding (tested).
 
     Args:
       noise_multiplier: The transform's total noise multiplier; > 0.
@@ -121,7 +122,7 @@ def adaptive_epsilon(
     if accountant == "rdp":
         acc.compose(dp_event(z_grad, sampling_rate, steps, count_noise_multiplier=z_count))
     else:
-        acc.compose(dp_event((z_grad**-2 + z_count**-2) ** -0.5, sampling_rate, steps))
+        acc.compose(dp_event(noise_multiplier, sampling_rate, steps))
     return float(acc.get_epsilon(delta))
 
 

@@ -256,9 +256,10 @@ class ClippedGradSumTest(chex.TestCase):
         )
         tx = optaxclip.dp_aggregate(1.0, 1.0, jax.random.key(1), expected_batch_size=1)
         small, _ = tx.update(zeros, tx.init(None))
-        big, _ = tx.update(summed, tx.init(None))
+        big, state = tx.update(summed, tx.init(None))
         np.testing.assert_allclose(float(jnp.std(small["a"])), 1.0, rtol=0.03)
         np.testing.assert_allclose(float(jnp.std(big["a"])), 3.0, rtol=0.03)
+        assert float(state.stats.threshold) == 3.0  # the clip norm actually applied
 
 
 # --- dp_adaptive_aggregate --------------------------------------------------------------

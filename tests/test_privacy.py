@@ -63,8 +63,6 @@ def test_adaptive_epsilon_equals_the_composed_queries():
     acc.compose(dp_accounting.SelfComposedDpEvent(step, 1000))
     eps = privacy.adaptive_epsilon(1.1, 0.01, 1000, 1e-5, 256, accountant="rdp")
     assert eps == pytest.approx(acc.get_epsilon(1e-5))
-    # Theorem 1 (Andrew et al.): the two queries cost what one query at noise 1.1 costs.
-    for accountant in ("rdp", "pld"):
-        assert privacy.adaptive_epsilon(1.1, 0.01, 1000, 1e-5, 256, accountant=accountant) == pytest.approx(
-            privacy.epsilon(1.1, 0.01, 1000, 1e-5, accountant=accountant), rel=1e-6
-        )
+    # Theorem 1 (Andrew et al.): the two composed queries cost what one query at noise 1.1
+    # costs (PLD accounts that single query directly, so only RDP can show it).
+    assert eps == pytest.approx(privacy.epsilon(1.1, 0.01, 1000, 1e-5, accountant="rdp"), rel=1e-6)
