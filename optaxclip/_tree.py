@@ -60,6 +60,23 @@ def _finish(m: jax.Array, scaled_sumsq: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.where(good, jnp.sqrt(scaled_sumsq) * _pow2(k), m)
 
 
+def _scaled_norms(
+    leaves: Sequence[jax.Array], axes: Sequence[Axes], axis_name: str | None
+) -> list[jax.Array]:
+    """The slow, safe path: each array scaled by a power of two near its largest magnitude."""
+    out = []
+    for x, a in zip(leaves, axes, strict=True):
+        m = jnp.max(jnp.abs(x.astype(F32)), axis=a, keepdims=True, initial=0.0)
+        if axis_name is not None:
+            m = jax.lax.pmax(m, axis_name)
+        k = _exponent(m)
+        s = _sumsq(x, a, k)
+        if axis_name is not None:
+            s = jax.lax.psum(s, axis_name)
+        out.append(_finish(m, s, k))
+    return out
+
+
 def _norms(leaves: Sequence[jax.Array], axes: Sequence[Axes], axis_name: str | None) -> list[jax.Array]:
     """Norm of each array over its `axes` (dims kept), overflow- and underflow-safe.
 
@@ -75,20 +92,7 @@ def _norms(leaves: Sequence[jax.Array], axes: Sequence[Axes], axis_name: str | N
     if axis_name is not None:
         fast = jax.lax.psum(fast, axis_name)
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(f) & (f >= _TINY)) for f in fast]))
-
-    def slow(xs):
-        out = []
-        for x, a in zip(xs, axes, strict=True):
-            m = jnp.max(jnp.abs(x.astype(F32)), axis=a, keepdims=True, initial=0.0)
-            if axis_name is not None:
-                m = jax.lax.pmax(m, axis_name)
-            k = _exponent(m)
-            s = _sumsq(x, a, k)
-            if axis_name is not None:
-                s = jax.lax.psum(s, axis_name)
-            out.append(_finish(m, s, k))
-        return out
-
+    slow = lambda xs: _scaled_norms(xs, axes, axis_name)
     return jax.lax.cond(ok, lambda _: [jnp.sqrt(f) for f in fast], slow, list(leaves))
 
 
@@ -121,7 +125,17 @@ def global_norm(tree, axis_name: str | None = None) -> jax.Array:
       >>> print(f'{float(optaxclip.global_norm({"a": jnp.array([3e30, 4e30])})):.4g}')
       5e+30
     """
-    return combine_norms(jax.tree.leaves(leaf_norms(tree, axis_name)))
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), F32)
+    # One sum of squares for the whole tree; the cond rescales every leaf only
+    # when that sum overflowed, is NaN or may have underflowed.
+    fast = sum(jnp.sum(_sumsq(x, _all_axes(x))) for x in leaves)
+    if axis_name is not None:
+        fast = jax.lax.psum(fast, axis_name)
+    ok = jnp.isfinite(fast) & (fast >= _TINY)
+    slow = lambda xs: combine_norms(_scaled_norms(xs, [_all_axes(x) for x in xs], axis_name))
+    return jax.lax.cond(ok, lambda _: jnp.sqrt(fast), slow, leaves)
 
 
 def leaf_norms(tree, axis_name: str | None = None):
@@ -189,17 +203,17 @@ def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
     """L2 norm of the concatenation of norms (arrays of any shape), overflow-safe.
 
     This turns per-leaf or per-unit norms into a global norm without reading
-    the data again. A plain float32 sum of squares is used when it is
-    trustworthy; otherwise (overflow, NaN, or a sum small enough to have
-    underflowed) one `lax.cond` takes the scaled path of `_l2_axis0`; the
-    fast path does not concatenate the norms.
+    the data again: the largest norm gives a power-of-two scale (exact) and
+    the scaled squares are summed, so nothing can overflow, and no norm that
+    matters can underflow. No branch and no concatenation.
     """
     flat = [jnp.reshape(n, (-1,)).astype(F32) for n in norms]
     if not flat:
         return jnp.zeros((), F32)
-    fast = sum(jnp.sum(jnp.square(f)) for f in flat)
-    ok = jnp.isfinite(fast) & (fast >= _TINY)
-    return jax.lax.cond(ok, lambda _: jnp.sqrt(fast), lambda fl: _l2_axis0(jnp.concatenate(fl)), flat)
+    m = jnp.max(jnp.stack([jnp.max(f, initial=0.0) for f in flat]))  # NaN propagates, inf dominates
+    k = _exponent(m)
+    s = sum(jnp.sum(jnp.square(f * _pow2(-k))) for f in flat)
+    return _finish(m, s, k)
 
 
 def scale_factor(norm: jax.Array, bound: jax.Array) -> jax.Array:
