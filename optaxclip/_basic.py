@@ -187,8 +187,11 @@ def clip_by_value(
       An infinite element stays infinite and a NaN stays NaN (optax's
       `clip` turns inf into the bound, hiding the overflow); the step
       counts as non-finite and records `clipped=False`, as the norm clips
-      do. The stats' norms are float32 and overflow-free; the post-clip
-      norm is read again only on steps where something was clamped.
+      do. The stats' norms are float32 and overflow-free. They cost two
+      reads of the updates with the default symmetric range (sums of
+      `min(g**2, max_value**2)` and of the excess over it); with a
+      `min_value`, a pre-clip norm, an out-of-range test and, on steps where
+      something was clamped, a third read for the post-clip norm.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip
@@ -217,33 +220,33 @@ def clip_by_value(
         def clamp(g):
             x = g.astype(F32)
             # Keep +-inf (and NaN) as it is: clamping would turn an overflow into the
-            # bound. `x - x == 0` tests finiteness without an `abs` that XLA would
-            # share with the max-abs reduction below and so materialize.
+            # bound. `x - x == 0` tests finiteness without an `abs` that XLA could
+            # share with a reduction of the stats and so materialize.
             return jnp.where(x - x == 0, jnp.clip(x, lo, hi), x).astype(g.dtype)
 
         leaves, treedef = jax.tree.flatten(updates)
-        norms = jax.tree.leaves(_tree.leaf_norms(leaves))
-        # Out of range, from reductions XLA runs at memory speed (a max of |x|
-        # or of x); the stats never hold a clamped copy of the updates.
         if min_value is None:
-            clamped = [jnp.max(jnp.abs(g), initial=0).astype(F32) > hi for g in leaves]
+            pre, post, clipped = _tree.symmetric_clamp_norms(leaves, hi)
         else:
+            norms = jax.tree.leaves(_tree.leaf_norms(leaves))
+            pre = _tree.combine_norms(norms)
+            # Out of range, from reductions XLA runs at memory speed; the stats never
+            # hold a clamped copy of the updates. A non-finite step is counted as such
+            # and never as clipped, as in the norm clips.
             clamped = [
                 (jnp.max(g, initial=-jnp.inf).astype(F32) > hi)
                 | (jnp.min(g, initial=jnp.inf).astype(F32) < lo)
                 for g in leaves
             ]
-        pre = _tree.combine_norms(norms)
-        finite = jnp.isfinite(pre)
-        # A non-finite step is counted as such and never as clipped, as in the norm clips.
-        clamped = [f & finite for f in clamped]
-        post = _tree.combine_norms(_tree.clamped_norms(leaves, lo, hi, norms, clamped, min_value is None))
+            clamped = [f & jnp.isfinite(pre) for f in clamped]
+            post = _tree.combine_norms(_tree.clamped_norms(leaves, lo, hi, norms, clamped))
+            clipped = jnp.any(jnp.stack(clamped)) if leaves else False
         stats = _stats.record(
             state,
             pre_clip_norm=pre,
             post_clip_norm=post,
             threshold=jnp.maximum(jnp.abs(lo), jnp.abs(hi)),
-            clipped=jnp.any(jnp.stack(clamped)) if leaves else False,
+            clipped=clipped,
         )
         return treedef.unflatten([clamp(g) for g in leaves]), stats
 

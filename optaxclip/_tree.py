@@ -166,37 +166,68 @@ def clamped_norms(
     hi: jax.Array,
     norms: Sequence[jax.Array],
     clamped: Sequence[jax.Array],
-    symmetric: bool,
 ) -> list[jax.Array]:
     """Norm of each `clip(x, lo, hi)`, where `clamped` says some element left the range.
 
     A leaf with nothing clamped keeps its norm from `norms` and its data is
     not read again; only the others take a second read, in a per-leaf
-    `lax.cond` whose operand is the leaf itself. With `symmetric`
-    (`lo == -hi`) the read sums `min(x**2, hi**2)`, which XLA fuses into
-    the reduction; a general clamp inside a reduction makes XLA CPU
-    materialize a clamped copy first. Values are scaled by a power of two
-    near `max(|lo|, |hi|)` before squaring, so no bound can overflow;
-    contributions below about 1e-19 of that bound are lost to float32
-    underflow.
+    `lax.cond` whose operand is the leaf itself. Values are scaled by a
+    power of two near `max(|lo|, |hi|)` before squaring, so no bound can
+    overflow; contributions below about 1e-19 of that bound are lost to
+    float32 underflow.
     """
     k = _exponent(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
 
     def one(x, norm, flag):
         def reread(x):
             x = x.astype(F32) * _pow2(-k)
-            if symmetric:
-                # The barrier stops XLA from rewriting (hi * 2**-k)**2 as hi**2 * 2**-2k,
-                # which is inf * 0 = NaN for a bound near 1e30.
-                b = jax.lax.optimization_barrier(hi * _pow2(-k))
-                sq = jnp.minimum(jnp.square(x), b * b)
-            else:
-                sq = jnp.square(jnp.minimum(jnp.maximum(x, lo * _pow2(-k)), hi * _pow2(-k)))
+            sq = jnp.square(jnp.minimum(jnp.maximum(x, lo * _pow2(-k)), hi * _pow2(-k)))
             return jnp.sqrt(jnp.sum(sq)) * _pow2(k)
 
         return jax.lax.cond(flag, reread, lambda _: norm, x)
 
     return [one(x, n, f) for x, n, f in zip(leaves, norms, clamped, strict=True)]
+
+
+def symmetric_clamp_norms(
+    leaves: Sequence[jax.Array], hi: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Global norms before and after clamping every element into `[-hi, hi]`, and whether any left it.
+
+    Two reads of each leaf, with `x` and `h` the values and `hi` scaled by
+    a power of two near `hi` (exact): `inside = sum(min(x**2, h**2))` and
+    `excess = sum(max(x**2, h**2) - h**2)`. Then the post-clip norm is
+    `sqrt(inside)`, the pre-clip norm `sqrt(inside + excess)` (two
+    non-negative sums: no cancellation), and an element was clamped exactly
+    when `excess > 0` (for finite `|x| > h >= 0.5`, `x**2` rounds to more
+    than `h**2`, and nothing underflows). Only when `inside + excess`
+    overflowed (elements beyond about 1e19 times `hi`), is NaN, or is small
+    enough to have underflowed does one `lax.cond` recompute the pre-clip
+    norm on the scaled path. Non-finite data gives a non-finite pre-clip norm
+    and `clipped=False`.
+    """
+    if not leaves:
+        zero = jnp.zeros((), F32)
+        return zero, zero, jnp.zeros((), bool)
+    k = _exponent(hi)
+    inside, excess = [], []
+    for x in leaves:
+        # Barriers: each leaf gets its own runtime `h` and scale (a constant's broadcast
+        # shared by several reductions is materialized at the leaf's size), XLA cannot rewrite
+        # (hi * 2**-k)**2 as hi**2 * 2**-2k (inf * 0 for a bound near 1e30), and the
+        # two reads stay two vectorized loops rather than one slow multi-output loop.
+        h, s, x = jax.lax.optimization_barrier((hi * _pow2(-k), _pow2(-k), x))
+        inside.append(jnp.sum(jnp.minimum(jnp.square(x.astype(F32) * s), h * h)))
+        inside[-1], h, s, x = jax.lax.optimization_barrier((inside[-1], h, s, x))
+        excess.append(jnp.sum(jnp.maximum(jnp.square(x.astype(F32) * s), h * h) - h * h))
+    inside, excess = sum(inside), sum(excess)
+    total = inside + excess
+    ok = jnp.isfinite(total) & (total >= _TINY)
+    slow = lambda xs: combine_norms(_scaled_norms(xs, [_all_axes(x) for x in xs], None))
+    pre = jax.lax.cond(ok, lambda _: jnp.sqrt(total) * _pow2(k), slow, list(leaves))
+    clipped = (excess > 0) & jnp.isfinite(pre)
+    post = jnp.where(clipped, jnp.sqrt(inside) * _pow2(k), pre)
+    return pre, post, clipped
 
 
 def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:

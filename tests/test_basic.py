@@ -164,6 +164,24 @@ class ClipByValueTest(chex.TestCase):
         ("huge_bound", 1e30, None, [3e30, -4e30, 1.0], [1e30, -1e30, 1.0]),
         ("zero_floor", 1.0, 0.0, [-5.0, 0.5, 2.0], [0.0, 0.5, 1.0]),
         ("nothing_clamped", 10.0, None, [3.0, 4.0, 0.0], [3.0, 4.0, 0.0]),
+        # The squared sums overflow (pre-clip norm from the scaled path) or underflow.
+        ("huge_updates_small_bound", 1e-3, None, [1e30, -2e30, 1e-4], [1e-3, -1e-3, 1e-4]),
+        ("tiny_updates_huge_bound", 1e20, None, [3e-20, 4e-20, 0.0], [3e-20, 4e-20, 0.0]),
+        # One element a float32 ulp above the bound is clamped, and counted as clipped.
+        (
+            "one_ulp_over",
+            1.0,
+            None,
+            [float(np.nextafter(np.float32(1), np.float32(2))), -1.0, 1.0],
+            [1.0, -1.0, 1.0],
+        ),
+        (
+            "one_ulp_over_small",
+            3e-8,
+            None,
+            [float(np.nextafter(np.float32(3e-8), np.float32(1))), 0.0, 0.0],
+            [3e-8, 0.0, 0.0],
+        ),
     )
     def test_post_clip_norm_is_the_norm_of_the_output(self, max_value, min_value, values, expected):
         tx = optaxclip.clip_by_value(max_value, min_value)
