@@ -91,7 +91,8 @@ def _norms(leaves: Sequence[jax.Array], axes: Sequence[Axes], axis_name: str | N
     fast = [_sumsq(x, a) for x, a in zip(leaves, axes, strict=True)]
     if axis_name is not None:
         fast = jax.lax.psum(fast, axis_name)
-    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(f) & (f >= _TINY)) for f in fast]))
+    sums = jnp.concatenate([jnp.reshape(f, (-1,)) for f in fast])
+    ok = jnp.all(jnp.isfinite(sums) & (sums >= _TINY))
     slow = lambda xs: _scaled_norms(xs, axes, axis_name)
     return jax.lax.cond(ok, lambda _: [jnp.sqrt(f) for f in fast], slow, list(leaves))
 
@@ -236,15 +237,13 @@ def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
     This turns per-leaf or per-unit norms into a global norm without reading
     the data again: the largest norm gives a power-of-two scale (exact) and
     the scaled squares are summed, so nothing can overflow, and no norm that
-    matters can underflow. No branch and no concatenation.
+    matters can underflow. No branch.
     """
     flat = [jnp.reshape(n, (-1,)).astype(F32) for n in norms]
     if not flat:
         return jnp.zeros((), F32)
-    m = jnp.max(jnp.stack([jnp.max(f, initial=0.0) for f in flat]))  # NaN propagates, inf dominates
-    k = _exponent(m)
-    s = sum(jnp.sum(jnp.square(f * _pow2(-k))) for f in flat)
-    return _finish(m, s, k)
+    # One concatenation of the (small) norm arrays: a few kernels rather than two per array.
+    return _l2_axis0(jnp.concatenate(flat))
 
 
 def scale_factor(norm: jax.Array, bound: jax.Array) -> jax.Array:
