@@ -53,6 +53,13 @@ class AdaptiveClipTest(chex.TestCase):
         _, thr, _, _ = run_stream(optaxclip.adaptive_clip(0.8, window=64, warmup_steps=5), norms)
         np.testing.assert_allclose(thr, window_reference(norms, 0.8, 64, 5), rtol=1e-5)
 
+    def test_threshold_matches_numpy_quantile_with_repeated_norms(self):
+        # The window is kept sorted incrementally: equal norms enter and leave it.
+        norms = np.random.default_rng(3).choice([0.0, 1.0, 2.0, 3.0], 200).astype(np.float32)
+        _, thr, _, state = run_stream(optaxclip.adaptive_clip(0.7, window=16, warmup_steps=1), norms)
+        np.testing.assert_allclose(thr, window_reference(norms, 0.7, 16, 1), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(state.sorted_norm_history), np.sort(norms[-16:]))
+
     @parameterized.named_parameters(("window", "window", 0.10), ("streaming", "streaming", 0.10))
     def test_stationary_lognormal_within_10_percent(self, estimator, tol):
         norms = lognormal(4000, seed=1)
