@@ -238,7 +238,8 @@ def clip_by_value(
                 | (jnp.min(g, initial=jnp.inf).astype(F32) < lo)
                 for g in leaves
             ]
-            clamped = [f & jnp.isfinite(pre) for f in clamped]
+            finite = jnp.isfinite(pre)
+            clamped = [f & finite for f in clamped]
             post = _tree.combine_norms(_tree.clamped_norms(leaves, lo, hi, norms, clamped))
             clipped = jnp.any(jnp.stack(clamped)) if leaves else False
         stats = _stats.record(

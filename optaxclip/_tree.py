@@ -77,6 +77,11 @@ def _scaled_norms(
     return out
 
 
+def _scaled_global_norm(leaves: Sequence[jax.Array], axis_name: str | None) -> jax.Array:
+    """The global norm on the slow, safe path (the branch the fast paths' conds fall back to)."""
+    return combine_norms(_scaled_norms(leaves, [_all_axes(x) for x in leaves], axis_name))
+
+
 def _norms(leaves: Sequence[jax.Array], axes: Sequence[Axes], axis_name: str | None) -> list[jax.Array]:
     """Norm of each array over its `axes` (dims kept), overflow- and underflow-safe.
 
@@ -135,7 +140,7 @@ def global_norm(tree, axis_name: str | None = None) -> jax.Array:
     if axis_name is not None:
         fast = jax.lax.psum(fast, axis_name)
     ok = jnp.isfinite(fast) & (fast >= _TINY)
-    slow = lambda xs: combine_norms(_scaled_norms(xs, [_all_axes(x) for x in xs], axis_name))
+    slow = lambda xs: _scaled_global_norm(xs, axis_name)
     return jax.lax.cond(ok, lambda _: jnp.sqrt(fast), slow, leaves)
 
 
@@ -224,7 +229,7 @@ def symmetric_clamp_norms(
     inside, excess = sum(inside), sum(excess)
     total = inside + excess
     ok = jnp.isfinite(total) & (total >= _TINY)
-    slow = lambda xs: combine_norms(_scaled_norms(xs, [_all_axes(x) for x in xs], None))
+    slow = lambda xs: _scaled_global_norm(xs, None)
     pre = jax.lax.cond(ok, lambda _: jnp.sqrt(total) * _pow2(k), slow, list(leaves))
     clipped = (excess > 0) & jnp.isfinite(pre)
     post = jnp.where(clipped, jnp.sqrt(inside) * _pow2(k), pre)
