@@ -1,13 +1,18 @@
 """The one place where optaxclip computes L2 norms of arrays and pytrees.
 
-Every norm is accumulated in float32 whatever the leaf dtype. Each leaf's
-fast path squares its float32 values directly: one read of the data, which
-XLA fuses into a vectorized reduction. Only when some sum overflowed
-(finite values around 1e19 and up) or may have lost precision to underflow
-(sums below `_TINY`) does one `lax.cond` take the slow path, which
-first finds each leaf's largest magnitude and scales by a power of two near
-it (exact, see `_exponent`) before squaring, so a 1e30 gradient has the
-finite, correct norm 1e30. Per-leaf norms are then combined
+Every norm is accumulated in float32 whatever the leaf dtype. The fast path
+squares float32 values directly: one read of the data, which XLA fuses into
+a vectorized reduction. For a global norm, leaves of at most `_SMALL`
+elements (biases, norms' scales, scalars) are concatenated, a few thousand
+at a time, so they cost one reduction per group instead of one per leaf.
+Only when a sum overflowed (finite values around 1e19 and up), is NaN, or
+may have lost precision to underflow (sums below `_TINY`) does one
+`lax.cond` take the rescue path, which squares the values times `2**-64`
+(after an overflow) or `2**64` (when tiny) and undoes the scale on the
+root: exact, so a 1e30 gradient has the finite, correct norm 1e30. The
+rescue path is one reduction per array and a few scalars on purpose: on
+XLA:CPU an untaken branch still costs each step, in proportion to its
+number of kernels (`benchmarks/overheads.py`). Per-leaf norms are combined
 overflow-safely without touching the data again. Under `jax.vmap` a cond
 becomes a select and both paths run.
 
@@ -28,6 +33,14 @@ F32 = jnp.float32
 # Below this sum of squares, float32 squares of the smallest elements may
 # have underflowed: recompute with scaling.
 _TINY = 1e-20
+# The rescue path's scales: after an overflow every square is scaled by 2**-128,
+# so only squares below ~4 (negligible beside a sum over 3.4e38) are flushed, and
+# the scaled sum overflows exactly when the norm is beyond float32's range; when
+# tiny (norm < 1e-10), scaling by 2**64 cannot overflow.
+_DOWN, _UP = 2.0**-64, 2.0**64
+# Global norms concatenate leaves of at most _SMALL elements, _GROUP elements per
+# concatenation: a copy of at most 256 KiB, instead of a few kernels per leaf.
+_SMALL, _GROUP = 4096, 1 << 16
 
 Axes = tuple[int, ...]
 
@@ -47,59 +60,85 @@ def _pow2(k: jax.Array) -> jax.Array:
     return jnp.ldexp(jnp.ones((), F32), k)
 
 
-def _sumsq(x: jax.Array, axes: Axes, k: jax.Array | None = None) -> jax.Array:
+def _rescue_scale(fast: jax.Array) -> jax.Array:
+    """`2**64` where the fast sum of squares is tiny, else `2**-64` (it overflowed or is NaN)."""
+    return jnp.where(fast < _TINY, jnp.asarray(_UP, F32), jnp.asarray(_DOWN, F32))
+
+
+def _sumsq(x: jax.Array, axes: Axes, scale: jax.Array | None = None) -> jax.Array:
+    """Sum over `axes` (dims kept) of `(x * scale)**2` in float32."""
     x = x.astype(F32)
-    if k is not None:
-        x = x * _pow2(-k)
+    if scale is not None:
+        # Each array gets its own runtime scale: XLA would otherwise share one broadcast
+        # of it between same-shaped arrays and materialize it at their size.
+        scale, x = jax.lax.optimization_barrier((scale, x))
+        x = x * scale
     return jnp.sum(jnp.square(x), axis=axes, keepdims=True)
 
 
-def _finish(m: jax.Array, scaled_sumsq: jax.Array, k: jax.Array) -> jax.Array:
-    """`sqrt(s) * 2**k` where `m` is a usable scale, else `m` itself (0, inf or NaN)."""
-    good = jnp.isfinite(m) & (m > 0)
-    return jnp.where(good, jnp.sqrt(scaled_sumsq) * _pow2(k), m)
+def _tree_sumsq(leaves: Sequence[jax.Array], scale: jax.Array | None = None) -> jax.Array:
+    """Sum over all `leaves` of `(x * scale)**2`: a float32 scalar, small leaves concatenated."""
+    arrays, group, size = [], [], 0
+    for x in leaves:
+        if x.size > _SMALL:
+            arrays.append(x)
+            continue
+        if group and size + x.size > _GROUP:
+            arrays.append(jnp.concatenate(group))
+            group, size = [], 0
+        group.append(jnp.reshape(x.astype(F32), (-1,)))
+        size += x.size
+    if group:
+        arrays.append(jnp.concatenate(group))
+    return sum(jnp.sum(_sumsq(x, _all_axes(x), scale)) for x in arrays)
 
 
-def _scaled_norms(
-    leaves: Sequence[jax.Array], axes: Sequence[Axes], axis_name: str | None
-) -> list[jax.Array]:
-    """The slow, safe path: each array scaled by a power of two near its largest magnitude."""
-    out = []
-    for x, a in zip(leaves, axes, strict=True):
-        m = jnp.max(jnp.abs(x.astype(F32)), axis=a, keepdims=True, initial=0.0)
+def _rescued_global_norm(
+    leaves: Sequence[jax.Array], fast: jax.Array | None, axis_name: str | None
+) -> jax.Array:
+    """The global norm on the rescue path, from the fast sum of squares (computed here if None)."""
+    if fast is None:
+        fast = _tree_sumsq(leaves)
         if axis_name is not None:
-            m = jax.lax.pmax(m, axis_name)
-        k = _exponent(m)
-        s = _sumsq(x, a, k)
-        if axis_name is not None:
-            s = jax.lax.psum(s, axis_name)
-        out.append(_finish(m, s, k))
-    return out
+            fast = jax.lax.psum(fast, axis_name)
+    scale = _rescue_scale(fast)
+    total = _tree_sumsq(leaves, scale)
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+    return jnp.sqrt(total) / scale
 
 
-def _scaled_global_norm(leaves: Sequence[jax.Array], axis_name: str | None) -> jax.Array:
-    """The global norm on the slow, safe path (the branch the fast paths' conds fall back to)."""
-    return combine_norms(_scaled_norms(leaves, [_all_axes(x) for x in leaves], axis_name))
+def _ok(fast: jax.Array) -> jax.Array:
+    """Whether a fast float32 sum of squares is trustworthy: finite and not tiny."""
+    return jnp.isfinite(fast) & (fast >= _TINY)
 
 
 def _norms(leaves: Sequence[jax.Array], axes: Sequence[Axes], axis_name: str | None) -> list[jax.Array]:
     """Norm of each array over its `axes` (dims kept), overflow- and underflow-safe.
 
     One `lax.cond` decides for all arrays together: fast float32 sums of
-    squares when every one is trustworthy, else the scaled path for all.
-    (One cond per leaf costs a few microseconds each on CPU, which showed at
-    1e5 parameters; the cond's operands are the leaves themselves, so XLA
-    adds no copy of them.)
+    squares when every one is trustworthy, else the rescue path, which
+    rescales only the sums that need it (a unit whose fast sum was fine
+    keeps it: scaling its small elements by `2**-64` would flush them).
     """
     if not leaves:
         return []
     fast = [_sumsq(x, a) for x, a in zip(leaves, axes, strict=True)]
     if axis_name is not None:
         fast = jax.lax.psum(fast, axis_name)
-    sums = jnp.concatenate([jnp.reshape(f, (-1,)) for f in fast])
-    ok = jnp.all(jnp.isfinite(sums) & (sums >= _TINY))
-    slow = lambda xs: _scaled_norms(xs, axes, axis_name)
-    return jax.lax.cond(ok, lambda _: [jnp.sqrt(f) for f in fast], slow, list(leaves))
+    ok = jnp.all(_ok(jnp.concatenate([jnp.reshape(f, (-1,)) for f in fast])))
+
+    def rescue(xs, fast):
+        out = []
+        for x, a, f in zip(xs, axes, fast, strict=True):
+            scale = _rescue_scale(f)
+            s = _sumsq(x, a, scale)
+            if axis_name is not None:
+                s = jax.lax.psum(s, axis_name)
+            out.append(jnp.where(_ok(f), jnp.sqrt(f), jnp.sqrt(s) / scale))
+        return out
+
+    return jax.lax.cond(ok, lambda _, fast: [jnp.sqrt(f) for f in fast], rescue, list(leaves), fast)
 
 
 def _l2_axis0(stacked: jax.Array) -> jax.Array:
@@ -107,7 +146,8 @@ def _l2_axis0(stacked: jax.Array) -> jax.Array:
     m = jnp.max(stacked, axis=0, keepdims=True, initial=0.0)  # NaN propagates, inf dominates
     k = _exponent(m)
     s = jnp.sum(jnp.square(stacked * _pow2(-k)), axis=0, keepdims=True)
-    return _finish(m, s, k)[0]
+    usable = jnp.isfinite(m) & (m > 0)  # else m itself: 0, inf or NaN
+    return jnp.where(usable, jnp.sqrt(s) * _pow2(k), m)[0]
 
 
 def _all_axes(x: jax.Array) -> Axes:
@@ -134,14 +174,13 @@ def global_norm(tree, axis_name: str | None = None) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), F32)
-    # One sum of squares for the whole tree; the cond rescales every leaf only
-    # when that sum overflowed, is NaN or may have underflowed.
-    fast = sum(jnp.sum(_sumsq(x, _all_axes(x))) for x in leaves)
+    # One sum of squares for the whole tree; the cond rescales only when that sum
+    # overflowed, is NaN or may have underflowed.
+    fast = _tree_sumsq(leaves)
     if axis_name is not None:
         fast = jax.lax.psum(fast, axis_name)
-    ok = jnp.isfinite(fast) & (fast >= _TINY)
-    slow = lambda xs: _scaled_global_norm(xs, axis_name)
-    return jax.lax.cond(ok, lambda _: jnp.sqrt(fast), slow, leaves)
+    rescue = lambda xs, fast: _rescued_global_norm(xs, fast, axis_name)
+    return jax.lax.cond(_ok(fast), lambda _, fast: jnp.sqrt(fast), rescue, leaves, fast)
 
 
 def leaf_norms(tree, axis_name: str | None = None):
@@ -209,7 +248,7 @@ def symmetric_clamp_norms(
     than `h**2`, and nothing underflows). Only when `inside + excess`
     overflowed (elements beyond about 1e19 times `hi`), is NaN, or is small
     enough to have underflowed does one `lax.cond` recompute the pre-clip
-    norm on the scaled path. Non-finite data gives a non-finite pre-clip norm
+    norm on the rescue path. Non-finite data gives a non-finite pre-clip norm
     and `clipped=False`.
     """
     if not leaves:
@@ -228,9 +267,9 @@ def symmetric_clamp_norms(
         excess.append(jnp.sum(jnp.maximum(jnp.square(x.astype(F32) * s), h * h) - h * h))
     inside, excess = sum(inside), sum(excess)
     total = inside + excess
-    ok = jnp.isfinite(total) & (total >= _TINY)
-    slow = lambda xs: _scaled_global_norm(xs, None)
-    pre = jax.lax.cond(ok, lambda _: jnp.sqrt(total) * _pow2(k), slow, list(leaves))
+    ok = _ok(total)
+    rescue = lambda xs: _rescued_global_norm(xs, None, None)
+    pre = jax.lax.cond(ok, lambda _: jnp.sqrt(total) * _pow2(k), rescue, list(leaves))
     clipped = (excess > 0) & jnp.isfinite(pre)
     post = jnp.where(clipped, jnp.sqrt(inside) * _pow2(k), pre)
     return pre, post, clipped

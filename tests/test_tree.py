@@ -82,6 +82,26 @@ class LeafAndUnitNormTest(chex.TestCase):
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
+    def test_rescue_path_rescales_only_the_units_that_need_it(self):
+        # Unit 0 overflows, unit 1 is ordinary but small (its elements would flush if
+        # scaled by 2**-64), unit 2's squares underflow, unit 3 is zero.
+        cols = [[3e30, 4e30], [3e-3, 4e-3], [3e-25, 4e-25], [0.0, 0.0]]
+        x = jnp.asarray(np.array(cols, np.float32).T)
+        (got,) = self.variant(strict(lambda x: _tree.unit_norms([x], [(0,)])))(x)
+        np.testing.assert_allclose(np.asarray(got)[0], [5e30, 5e-3, 5e-25, 0.0], rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_global_norm_over_many_small_leaves(self):
+        # 40 leaves of 4000 elements: concatenated in three groups; with one huge
+        # element in the last leaf the rescue path runs through the groups too.
+        rng = np.random.default_rng(0)
+        tree = [jnp.asarray(rng.standard_normal(4000).astype(np.float32)) for _ in range(40)]
+        norm = self.variant(strict(_tree.global_norm))
+        np.testing.assert_allclose(float(norm(tree)), ref.global_norm(tree), rtol=1e-5)
+        tree[-1] = tree[-1].at[7].set(1e30)
+        np.testing.assert_allclose(float(norm(tree)), ref.global_norm(tree), rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_batch_global_norms(self):
         tree = {"a": jnp.array([[3.0, 0.0], [1e30, 0.0]]), "b": jnp.array([[4.0], [1e30]])}
         got = self.variant(strict(_tree.batch_global_norms))(tree)
