@@ -124,13 +124,17 @@ def adaptive_grad_clip(
         for i, f in zip(clip_idx, factors, strict=True):
             out[i] = _tree.scale(g_leaves[i], f)
         kept = jax.tree.leaves(_tree.leaf_norms([g_leaves[i] for i in keep_idx]))
-        post = [gn * f for gn, f in zip(g_norms, factors, strict=True)]
+        post_units = [gn * f for gn, f in zip(g_norms, factors, strict=True)]
+        pre, post, threshold = _tree.combine_norms_each(
+            g_norms + kept, post_units + kept, [jnp.maximum(b, 0.0) for b in bounds]
+        )
+        flat_factors = [jnp.reshape(f, (-1,)) for f in factors]
         stats = _stats.record(
             state,
-            pre_clip_norm=_tree.combine_norms(g_norms + kept),
-            post_clip_norm=_tree.combine_norms(post + kept),
-            threshold=_tree.combine_norms([jnp.maximum(b, 0.0) for b in bounds]),
-            clipped=jnp.any(jnp.stack([jnp.any(f < 1) for f in factors])) if factors else False,
+            pre_clip_norm=pre,
+            post_clip_norm=post,
+            threshold=threshold,
+            clipped=jnp.any(jnp.concatenate(flat_factors) < 1) if factors else False,
         )
         return treedef.unflatten(out), stats
 

@@ -153,13 +153,16 @@ def clip_by_leaf_norm(max_norm: MaxNorm, *, axis_name: str | None = None) -> opt
         norms = jax.tree.leaves(_tree.leaf_norms(leaves, axis_name))
         factors = [_tree.scale_factor(n, b) for n, b in zip(norms, bounds, strict=True)]
         out = [_tree.scale(g, f) for g, f in zip(leaves, factors, strict=True)]
-        post = [n * f for n, f in zip(norms, factors, strict=True)]
+        post_leaves = [n * f for n, f in zip(norms, factors, strict=True)]
+        pre, post, threshold = _tree.combine_norms_each(
+            norms, post_leaves, [jnp.maximum(b, 0.0) for b in bounds]
+        )
         stats = _stats.record(
             state,
-            pre_clip_norm=_tree.combine_norms(norms),
-            post_clip_norm=_tree.combine_norms(post),
-            threshold=_tree.combine_norms([jnp.maximum(b, 0.0) for b in bounds]),
-            clipped=jnp.any(jnp.stack([f < 1 for f in factors])) if factors else False,
+            pre_clip_norm=pre,
+            post_clip_norm=post,
+            threshold=threshold,
+            clipped=jnp.any(jnp.stack(factors) < 1) if factors else False,
         )
         return treedef.unflatten(out), stats
 

@@ -141,13 +141,13 @@ def _norms(leaves: Sequence[jax.Array], axes: Sequence[Axes], axis_name: str | N
     return jax.lax.cond(ok, lambda _, fast: [jnp.sqrt(f) for f in fast], rescue, list(leaves), fast)
 
 
-def _l2_axis0(stacked: jax.Array) -> jax.Array:
-    """L2 norm along axis 0 of an array of norms, overflow-safe (no pass over the data)."""
-    m = jnp.max(stacked, axis=0, keepdims=True, initial=0.0)  # NaN propagates, inf dominates
+def _l2(norms: jax.Array, axis: int) -> jax.Array:
+    """L2 norm along `axis` of an array of norms, overflow-safe (no pass over the data)."""
+    m = jnp.max(norms, axis=axis, keepdims=True, initial=0.0)  # NaN propagates, inf dominates
     k = _exponent(m)
-    s = jnp.sum(jnp.square(stacked * _pow2(-k)), axis=0, keepdims=True)
+    s = jnp.sum(jnp.square(norms * _pow2(-k)), axis=axis, keepdims=True)
     usable = jnp.isfinite(m) & (m > 0)  # else m itself: 0, inf or NaN
-    return jnp.where(usable, jnp.sqrt(s) * _pow2(k), m)[0]
+    return jnp.squeeze(jnp.where(usable, jnp.sqrt(s) * _pow2(k), m), axis)
 
 
 def _all_axes(x: jax.Array) -> Axes:
@@ -202,7 +202,7 @@ def batch_global_norms(tree) -> jax.Array:
         return jnp.zeros((0,), F32)
     batch = leaves[0].shape[0]
     norms = _norms(leaves, [_all_axes(x)[1:] for x in leaves], None)
-    return _l2_axis0(jnp.stack([n.reshape(batch) for n in norms]))
+    return _l2(jnp.stack([n.reshape(batch) for n in norms]), 0)
 
 
 def clamped_norms(
@@ -283,11 +283,23 @@ def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
     the scaled squares are summed, so nothing can overflow, and no norm that
     matters can underflow. No branch.
     """
-    flat = [jnp.reshape(n, (-1,)).astype(F32) for n in norms]
-    if not flat:
-        return jnp.zeros((), F32)
-    # One concatenation of the (small) norm arrays: a few kernels rather than two per array.
-    return _l2_axis0(jnp.concatenate(flat))
+    return combine_norms_each(norms)[0]
+
+
+def combine_norms_each(*groups: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """`combine_norms` of each group, computed together: one float32 scalar per group.
+
+    The groups are concatenated into the zero-padded rows of one small matrix
+    (zeros leave an L2 norm unchanged), so a transform's pre-clip, post-clip
+    and threshold norms cost a few kernels in all, not a few each: on XLA:CPU
+    every kernel costs microseconds however small it is.
+    """
+    rows = [
+        jnp.concatenate([jnp.reshape(n, (-1,)).astype(F32) for n in g] or [jnp.zeros((0,), F32)])
+        for g in groups
+    ]
+    width = max(r.shape[0] for r in rows)
+    return tuple(_l2(jnp.stack([jnp.pad(r, (0, width - r.shape[0])) for r in rows]), 1))
 
 
 def scale_factor(norm: jax.Array, bound: jax.Array) -> jax.Array:

@@ -113,6 +113,20 @@ class LeafAndUnitNormTest(chex.TestCase):
         self.assertTrue(np.isnan(float(_tree.combine_norms([jnp.array(np.nan), jnp.array(1.0)]))))
         self.assertEqual(float(_tree.combine_norms([jnp.array(np.inf), jnp.array(1.0)])), np.inf)
 
+    def test_combine_norms_each_keeps_groups_apart(self):
+        # Groups of different lengths (zero-padded together), one overflow-sized, one
+        # NaN, one empty: each gets its own norm.
+        got = _tree.combine_norms_each(
+            [jnp.array(3e30), jnp.array([4e30, 0.0])],
+            [jnp.array([3.0, 4.0, 12.0])],
+            [jnp.array(np.nan), jnp.array(1.0)],
+            [],
+        )
+        self.assertEqual(len(got), 4)
+        np.testing.assert_allclose([float(v) for v in got[:2]], [5e30, 13.0], rtol=1e-6)
+        self.assertTrue(np.isnan(float(got[2])))
+        self.assertEqual(float(got[3]), 0.0)
+
     def test_scale_factor_edge_cases(self):
         f = lambda n, b: float(_tree.scale_factor(jnp.float32(n), jnp.float32(b)))
         self.assertEqual(f(0.0, 0.0), 1.0)  # zero stays zero, no 0/0
