@@ -96,7 +96,11 @@ def _tree_sumsq(leaves: Sequence[jax.Array], scale: jax.Array | None = None) -> 
 def _rescued_global_norm(
     leaves: Sequence[jax.Array], fast: jax.Array | None, axis_name: str | None
 ) -> jax.Array:
-    """The global norm on the rescue path, from the fast sum of squares (computed here if None)."""
+    """The global norm on the rescue path, from the fast sum of squares (computed here if None).
+
+    A trustworthy fast sum is kept (the value clip's cond can land here with one,
+    when its own sums, scaled to a huge bound, underflowed).
+    """
     if fast is None:
         fast = _tree_sumsq(leaves)
         if axis_name is not None:
@@ -105,7 +109,7 @@ def _rescued_global_norm(
     total = _tree_sumsq(leaves, scale)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
-    return jnp.sqrt(total) / scale
+    return jnp.where(_ok(fast), jnp.sqrt(fast), jnp.sqrt(total) / scale)
 
 
 def _ok(fast: jax.Array) -> jax.Array:

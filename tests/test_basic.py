@@ -167,6 +167,8 @@ class ClipByValueTest(chex.TestCase):
         # The squared sums overflow (pre-clip norm from the scaled path) or underflow.
         ("huge_updates_small_bound", 1e-3, None, [1e30, -2e30, 1e-4], [1e-3, -1e-3, 1e-4]),
         ("tiny_updates_huge_bound", 1e20, None, [3e-20, 4e-20, 0.0], [3e-20, 4e-20, 0.0]),
+        # Ordinary updates: scaled to the huge bound their squares underflow, the plain ones don't.
+        ("ordinary_updates_huge_bound", 1e20, None, [1e-3, -2e-3, 0.5], [1e-3, -2e-3, 0.5]),
         # One element a float32 ulp above the bound is clamped, and counted as clipped.
         (
             "one_ulp_over",
