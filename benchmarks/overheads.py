@@ -1,0 +1,163 @@
+"""Where the update-step overhead goes: an ablation, in units of adam's time.
+
+Where a target of `update_step.py` misses (at 1e5 parameters, and for
+`clip_by_value` at every size), this shows what the time is spent on. It
+times, in one interleaved run (the same harness as `update_step.py`), steps
+that add one piece at a time, so each piece's cost reads as a difference:
+
+- global-norm clip: the norm as `global_norm`'s fast sum of squares alone
+  (no overflow guard, no stats), then with its overflow-guarding `lax.cond`,
+  then with the `ClipStats` state (seven scalar arrays, as DESIGN.md
+  requires), and, for comparison only, the same stats packed in one
+  float32[7] array;
+- value clip: adam plus one read of the gradients computing `sum(x**2)`
+  (the floor), `sum(min(x**2, h**2))`, or both sums `clip_by_value`
+  needs (`sum(min(x**2, h**2))` and `sum(max(x**2, h**2) - h**2)`), none
+  clamping.
+
+Run: `.venv/bin/python benchmarks/overheads.py [--sizes 1e5,1e6]` (about 20
+s); it prints a table and writes `results/overheads.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optaxclip
+from optaxclip import _basic, _stats, _tree
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import update_step  # noqa: E402
+
+F32 = jnp.float32
+H = 0.01  # the value bound update_step.py uses
+
+
+def _global_clip(stats: str, guarded: bool) -> optax.GradientTransformation:
+    """Global-norm clip to 1.0; `stats` is "none", "clipstats" or "packed"."""
+
+    def init(params):
+        del params
+        return {"none": optax.EmptyState(), "clipstats": _stats.init_stats(), "packed": jnp.zeros((7,), F32)}[
+            stats
+        ]
+
+    def update(updates, state, params=None):
+        del params
+        if guarded:
+            norm = optaxclip.global_norm(updates)
+        else:
+            norm = jnp.sqrt(_tree._tree_sumsq(jax.tree.leaves(updates)))  # global_norm's fast path
+        if stats == "clipstats":
+            return _basic.clip_to_bound(updates, state, norm, jnp.asarray(1.0, F32))
+        factor = _tree.scale_factor(norm, jnp.asarray(1.0, F32))
+        out = jax.tree.map(lambda g: _tree.scale(g, factor), updates)
+        if stats == "packed":
+            clipped = (factor < 1).astype(F32)
+            state = jnp.stack(
+                [
+                    norm,
+                    norm * factor,
+                    jnp.asarray(1.0, F32),
+                    clipped,
+                    state[4] + 1,
+                    state[5] + clipped,
+                    state[6] + (~jnp.isfinite(norm)).astype(F32),
+                ]
+            )
+        return out, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _read_then_adam(reads: str) -> optax.GradientTransformation:
+    """adam after a read of the gradients computing `reads` (kept as state; nothing clamped)."""
+    adam = optax.adam(1e-3)
+
+    def sums(leaves):
+        h2 = jnp.asarray(H * H, F32)
+        sq = [jnp.square(x.astype(F32)) for x in leaves]
+        if reads == "sumsq":
+            return [sum(jnp.sum(s) for s in sq)]
+        inside = sum(jnp.sum(jnp.minimum(s, h2)) for s in sq)
+        if reads == "min":
+            return [inside]
+        return [inside, sum(jnp.sum(jnp.maximum(s, h2) - h2) for s in sq)]
+
+    def init(params):
+        return adam.init(params), jnp.zeros((), F32)
+
+    def update(updates, state, params=None):
+        total, updates = jax.lax.optimization_barrier((sum(sums(jax.tree.leaves(updates))), updates))
+        out, inner = adam.update(updates, state[0], params)
+        return out, (inner, total)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _chain(tx):
+    return lambda: optax.chain(tx, optax.adam(1e-3))
+
+
+NO_GUARD, GUARD = "global: fast norm, no guard, no stats", "global: + overflow-guard cond"
+# (name, factory, the step it adds to) in the order of the table.
+ABLATION = [
+    ("adam", lambda: optax.adam(1e-3), None),
+    (NO_GUARD, _chain(_global_clip("none", False)), "adam"),
+    (GUARD, _chain(_global_clip("none", True)), NO_GUARD),
+    ("global: + ClipStats (7 scalars)", _chain(_global_clip("clipstats", True)), GUARD),
+    ("global: stats packed in one f32[7]", _chain(_global_clip("packed", True)), GUARD),
+    ("read sum(x^2) + adam (floor)", lambda: _read_then_adam("sumsq"), "adam"),
+    ("read sum(min(x^2,h^2)) + adam", lambda: _read_then_adam("min"), "adam"),
+    ("read clip_by_value's two sums + adam", lambda: _read_then_adam("both"), "adam"),
+    ("optaxclip clip_by_value + adam", _chain(optaxclip.clip_by_value(H)), "adam"),
+]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1e5,1e6")
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--inner", type=int, default=10)
+    args = ap.parse_args(argv)
+    for name, factory, _ in ABLATION:
+        update_step.VARIANTS.setdefault(name, (factory, None))
+    names = [name for name, _, _ in ABLATION]
+    base = {name: ref for name, _, ref in ABLATION}
+    lines = [
+        "| params | step | median ms | vs adam | added, in adam units |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    rows = []
+    for size in args.sizes.split(","):
+        got = update_step.bench(float(size), jnp.float32, args.repeats, args.inner, names)
+        ms = {r["variant"]: r["median_ms"] for r in got}
+        for r in got:
+            ref = base[r["variant"]]
+            added = "-" if ref is None else f"{(r['median_ms'] - ms[ref]) / ms['adam']:+.3f} (over {ref})"
+            cells = [
+                f"{r['params']:.2g}",
+                r["variant"],
+                f"{r['median_ms']:.3f}",
+                f"{r['vs_adam']:.3f}",
+                added,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        rows += got
+    table = "\n".join(lines)
+    print(table)
+    out = HERE / "results" / "overheads.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(f"Device: {jax.devices()[0].device_kind}, jax {jax.__version__}.\n\n{table}\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
