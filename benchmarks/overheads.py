@@ -10,6 +10,10 @@ that add one piece at a time, so each piece's cost reads as a difference:
   then with the `ClipStats` state (seven scalar arrays, as DESIGN.md
   requires), and, for comparison only, the same stats packed in one
   float32[7] array;
+- per-leaf clip (no stats): each leaf scaled by its own norm, then the same
+  norms stacked so every scale waits for every leaf's reduction (what one
+  guard over all leaves does), then a `lax.cond` per leaf; against optax's
+  `clip_by_block_rms` and optaxclip's `clip_by_leaf_norm`;
 - value clip: adam plus one read of the gradients computing `sum(x**2)`
   (the floor), `sum(min(x**2, h**2))`, or both sums `clip_by_value`
   needs (`sum(min(x**2, h**2))` and `sum(max(x**2, h**2) - h**2)`), none
@@ -77,6 +81,34 @@ def _global_clip(stats: str, guarded: bool) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def _leaf_clip(kind: str) -> optax.GradientTransformation:
+    """Per-leaf norm clip to 0.1 without stats; `kind` says how the leaves' scales depend on the norms.
+
+    "own": each leaf's scale from its own fast norm (unguarded); "coupled": the
+    same norms stacked, so each scale depends on every reduction (as one guard
+    over all leaves makes it); "cond": each leaf's norm behind its own guard
+    whose untaken branch is empty (timing only: not a correct rescue).
+    """
+
+    def one(x, norm):
+        return _tree.scale(x, _tree.scale_factor(norm, jnp.asarray(0.1, F32)))
+
+    def update(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        fast = [jnp.sum(jnp.square(x.astype(F32))) for x in leaves]
+        if kind == "coupled":
+            norms = jnp.sqrt(jnp.stack(fast))
+            fast = [norms[i] ** 2 for i in range(len(leaves))]
+        if kind == "cond":
+            norms = [jax.lax.cond(jnp.isfinite(f), jnp.sqrt, jnp.zeros_like, f) for f in fast]
+        else:
+            norms = [jnp.sqrt(f) for f in fast]
+        return treedef.unflatten([one(x, n) for x, n in zip(leaves, norms, strict=True)]), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _read_then_adam(reads: str) -> optax.GradientTransformation:
     """adam after a read of the gradients computing `reads` (kept as state; nothing clamped)."""
     adam = optax.adam(1e-3)
@@ -114,6 +146,11 @@ ABLATION = [
     (GUARD, _chain(_global_clip("none", True)), NO_GUARD),
     ("global: + ClipStats (7 scalars)", _chain(_global_clip("clipstats", True)), GUARD),
     ("global: stats packed in one f32[7]", _chain(_global_clip("packed", True)), GUARD),
+    ("leaf: each scale from its own norm", _chain(_leaf_clip("own")), "adam"),
+    ("leaf: norms stacked (coupled)", _chain(_leaf_clip("coupled")), "leaf: each scale from its own norm"),
+    ("leaf: a cond per leaf", _chain(_leaf_clip("cond")), "leaf: each scale from its own norm"),
+    ("optax clip_by_block_rms + adam", _chain(optax.clip_by_block_rms(0.01)), "adam"),
+    ("optaxclip clip_by_leaf_norm + adam", _chain(optaxclip.clip_by_leaf_norm(0.1)), "adam"),
     ("read sum(x^2) + adam (floor)", lambda: _read_then_adam("sumsq"), "adam"),
     ("read sum(min(x^2,h^2)) + adam", lambda: _read_then_adam("min"), "adam"),
     ("read clip_by_value's two sums + adam", lambda: _read_then_adam("both"), "adam"),
