@@ -14,6 +14,8 @@ that add one piece at a time, so each piece's cost reads as a difference:
   norms stacked so every scale waits for every leaf's reduction (what one
   guard over all leaves does), then a `lax.cond` per leaf; against optax's
   `clip_by_block_rms` and optaxclip's `clip_by_leaf_norm`;
+- AGC (no stats): its unit norms of params and gradients unguarded, then
+  behind optaxclip's guards; against optax's and optaxclip's AGC;
 - value clip: adam plus one read of the gradients computing `sum(x**2)`
   (the floor), `sum(min(x**2, h**2))`, or both sums `clip_by_value`
   needs (`sum(min(x**2, h**2))` and `sum(max(x**2, h**2) - h**2)`), none
@@ -109,6 +111,28 @@ def _leaf_clip(kind: str) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _agc(guarded: bool) -> optax.GradientTransformation:
+    """AGC's arithmetic (clipping 0.01, eps 1e-3) without stats; unit norms guarded or not."""
+
+    def update(updates, state, params):
+        g_leaves, treedef = jax.tree.flatten(updates)
+        p_leaves = jax.tree.leaves(params)
+        axes = [optaxclip.flax_unit_axes(None, p) for p in p_leaves]
+        if guarded:
+            p_norms, g_norms = _tree.unit_norms(p_leaves, axes), _tree.unit_norms(g_leaves, axes)
+        else:
+            norm = lambda x, a: jnp.sqrt(jnp.sum(jnp.square(x.astype(F32)), axis=a, keepdims=True))
+            p_norms = [norm(x, a) for x, a in zip(p_leaves, axes, strict=True)]
+            g_norms = [norm(x, a) for x, a in zip(g_leaves, axes, strict=True)]
+        out = []
+        for g, pn, gn in zip(g_leaves, p_norms, g_norms, strict=True):
+            bound = 0.01 * jnp.maximum(pn, 1e-3)
+            out.append(_tree.scale(g, _tree.scale_factor(gn, bound)))
+        return treedef.unflatten(out), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _read_then_adam(reads: str) -> optax.GradientTransformation:
     """adam after a read of the gradients computing `reads` (kept as state; nothing clamped)."""
     adam = optax.adam(1e-3)
@@ -151,6 +175,10 @@ ABLATION = [
     ("leaf: a cond per leaf", _chain(_leaf_clip("cond")), "leaf: each scale from its own norm"),
     ("optax clip_by_block_rms + adam", _chain(optax.clip_by_block_rms(0.01)), "adam"),
     ("optaxclip clip_by_leaf_norm + adam", _chain(optaxclip.clip_by_leaf_norm(0.1)), "adam"),
+    ("agc: unit norms unguarded", _chain(_agc(False)), "adam"),
+    ("agc: unit norms guarded", _chain(_agc(True)), "agc: unit norms unguarded"),
+    ("optax adaptive_grad_clip + adam", _chain(optax.adaptive_grad_clip(0.01)), "adam"),
+    ("optaxclip adaptive_grad_clip + adam", _chain(optaxclip.adaptive_grad_clip(0.01)), "adam"),
     ("read sum(x^2) + adam (floor)", lambda: _read_then_adam("sumsq"), "adam"),
     ("read sum(min(x^2,h^2)) + adam", lambda: _read_then_adam("min"), "adam"),
     ("read clip_by_value's two sums + adam", lambda: _read_then_adam("both"), "adam"),
