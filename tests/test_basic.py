@@ -164,7 +164,7 @@ class ClipByValueTest(chex.TestCase):
         ("huge_bound", 1e30, None, [3e30, -4e30, 1.0], [1e30, -1e30, 1.0]),
         ("zero_floor", 1.0, 0.0, [-5.0, 0.5, 2.0], [0.0, 0.5, 1.0]),
         ("nothing_clamped", 10.0, None, [3.0, 4.0, 0.0], [3.0, 4.0, 0.0]),
-        # The squared sums overflow (pre-clip norm from the scaled path) or underflow.
+        # The squared sums overflow (pre-clip norm from the rescue path) or underflow.
         ("huge_updates_small_bound", 1e-3, None, [1e30, -2e30, 1e-4], [1e-3, -1e-3, 1e-4]),
         ("tiny_updates_huge_bound", 1e20, None, [3e-20, 4e-20, 0.0], [3e-20, 4e-20, 0.0]),
         # Ordinary updates: scaled to the huge bound their squares underflow, the plain ones don't.
