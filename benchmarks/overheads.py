@@ -100,9 +100,8 @@ def _leaf_clip(kind: str) -> optax.GradientTransformation:
         leaves, treedef = jax.tree.flatten(updates)
         fast = [jnp.sum(jnp.square(x.astype(F32))) for x in leaves]
         if kind == "coupled":
-            norms = jnp.sqrt(jnp.stack(fast))
-            fast = [norms[i] ** 2 for i in range(len(leaves))]
-        if kind == "cond":
+            norms = list(jnp.sqrt(jnp.stack(fast)))
+        elif kind == "cond":
             norms = [jax.lax.cond(jnp.isfinite(f), jnp.sqrt, jnp.zeros_like, f) for f in fast]
         else:
             norms = [jnp.sqrt(f) for f in fast]

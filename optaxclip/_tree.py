@@ -93,18 +93,12 @@ def _tree_sumsq(leaves: Sequence[jax.Array], scale: jax.Array | None = None) -> 
     return sum(jnp.sum(_sumsq(x, _all_axes(x), scale)) for x in arrays)
 
 
-def _rescued_global_norm(
-    leaves: Sequence[jax.Array], fast: jax.Array | None, axis_name: str | None
-) -> jax.Array:
-    """The global norm on the rescue path, from the fast sum of squares (computed here if None).
+def _rescued_global_norm(leaves: Sequence[jax.Array], fast: jax.Array, axis_name: str | None) -> jax.Array:
+    """The global norm on the rescue path, from the tree's fast sum of squares `fast`.
 
     A trustworthy fast sum is kept (the value clip's cond can land here with one,
     when its own sums, scaled to a huge bound, underflowed).
     """
-    if fast is None:
-        fast = _tree_sumsq(leaves)
-        if axis_name is not None:
-            fast = jax.lax.psum(fast, axis_name)
     scale = _rescue_scale(fast)
     total = _tree_sumsq(leaves, scale)
     if axis_name is not None:
@@ -272,7 +266,7 @@ def symmetric_clamp_norms(
     inside, excess = sum(inside), sum(excess)
     total = inside + excess
     ok = _ok(total)
-    rescue = lambda xs: _rescued_global_norm(xs, None, None)
+    rescue = lambda xs: _rescued_global_norm(xs, _tree_sumsq(xs), None)
     pre = jax.lax.cond(ok, lambda _: jnp.sqrt(total) * _pow2(k), rescue, list(leaves))
     clipped = (excess > 0) & jnp.isfinite(pre)
     post = jnp.where(clipped, jnp.sqrt(inside) * _pow2(k), pre)
