@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 import optaxclip
-from optaxclip import _basic, _stats, _tree
+from optaxclip import _basic, _stats, _norms
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -60,11 +60,11 @@ def _global_clip(stats: str, guarded: bool) -> optax.GradientTransformation:
         if guarded:
             norm = optaxclip.global_norm(updates)
         else:
-            norm = jnp.sqrt(_tree._tree_sumsq(jax.tree.leaves(updates)))  # global_norm's fast path
+            norm = jnp.sqrt(_norms._tree_sumsq(jax.tree.leaves(updates)))  # global_norm's fast path
         if stats == "clipstats":
             return _basic.clip_to_bound(updates, state, norm, jnp.asarray(1.0, F32))
-        factor = _tree.scale_factor(norm, jnp.asarray(1.0, F32))
-        out = jax.tree.map(lambda g: _tree.scale(g, factor), updates)
+        factor = _norms.scale_factor(norm, jnp.asarray(1.0, F32))
+        out = jax.tree.map(lambda g: _norms.scale(g, factor), updates)
         if stats == "packed":
             clipped = (factor < 1).astype(F32)
             state = jnp.stack(
@@ -93,7 +93,7 @@ def _leaf_clip(kind: str) -> optax.GradientTransformation:
     """
 
     def one(x, norm):
-        return _tree.scale(x, _tree.scale_factor(norm, jnp.asarray(0.1, F32)))
+        return _norms.scale(x, _norms.scale_factor(norm, jnp.asarray(0.1, F32)))
 
     def update(updates, state, params=None):
         del params
@@ -118,7 +118,7 @@ def _agc(guarded: bool) -> optax.GradientTransformation:
         p_leaves = jax.tree.leaves(params)
         axes = [optaxclip.flax_unit_axes(None, p) for p in p_leaves]
         if guarded:
-            p_norms, g_norms = _tree.unit_norms(p_leaves, axes), _tree.unit_norms(g_leaves, axes)
+            p_norms, g_norms = _norms.unit_norms(p_leaves, axes), _norms.unit_norms(g_leaves, axes)
         else:
             norm = lambda x, a: jnp.sqrt(jnp.sum(jnp.square(x.astype(F32)), axis=a, keepdims=True))
             p_norms = [norm(x, a) for x, a in zip(p_leaves, axes, strict=True)]
@@ -126,7 +126,7 @@ def _agc(guarded: bool) -> optax.GradientTransformation:
         out = []
         for g, pn, gn in zip(g_leaves, p_norms, g_norms, strict=True):
             bound = 0.01 * jnp.maximum(pn, 1e-3)
-            out.append(_tree.scale(g, _tree.scale_factor(gn, bound)))
+            out.append(_norms.scale(g, _norms.scale_factor(gn, bound)))
         return treedef.unflatten(out), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -6,10 +6,8 @@ with `optaxclip.stats(opt_state)` or `optaxclip.metrics(opt_state)`.
 """
 
 from ._adaptive import AdaptiveClipState as AdaptiveClipState
-from ._adaptive import SkipSpikesState as SkipSpikesState
 from ._adaptive import ZScoreClipState as ZScoreClipState
 from ._adaptive import adaptive_clip as adaptive_clip
-from ._adaptive import skip_spikes as skip_spikes
 from ._adaptive import zscore_clip as zscore_clip
 from ._agc import adaptive_grad_clip as adaptive_grad_clip
 from ._agc import flax_unit_axes as flax_unit_axes
@@ -21,18 +19,20 @@ from ._diagnose import diagnose as diagnose
 from ._diagnose import format_findings as format_findings
 from ._diagnose import spike_steps as spike_steps
 from ._diagnose import suggest_threshold as suggest_threshold
-from ._dp import ClippedGradSum as ClippedGradSum
 from ._dp import DPAdaptiveAggregateState as DPAdaptiveAggregateState
 from ._dp import DPAggregateState as DPAggregateState
 from ._dp import adaptive_noise_multipliers as adaptive_noise_multipliers
-from ._dp import clipped_grad_sum as clipped_grad_sum
 from ._dp import dp_adaptive_aggregate as dp_adaptive_aggregate
 from ._dp import dp_aggregate as dp_aggregate
-from ._dp import per_example_grads as per_example_grads
+from ._norms import global_norm as global_norm
+from ._per_example import ClippedGradSum as ClippedGradSum
+from ._per_example import clipped_grad_sum as clipped_grad_sum
+from ._per_example import per_example_grads as per_example_grads
+from ._skip import SkipSpikesState as SkipSpikesState
+from ._skip import skip_spikes as skip_spikes
 from ._stats import ClipStats as ClipStats
 from ._stats import metrics as metrics
 from ._stats import stats as stats
-from ._tree import global_norm as global_norm
 
 __version__ = "0.1.0"
 

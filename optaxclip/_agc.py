@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _checks, _stats, _tree
+from . import _checks, _norms, _stats
 
 Axes = tuple[int, ...]
 
@@ -114,18 +114,18 @@ def adaptive_grad_clip(
         keep_idx = [i for i, f in enumerate(flags) if not f]
         rule = flax_unit_axes if unit_axes is None else unit_axes
         axes = [tuple(rule(p_paths[i][0], p_paths[i][1])) for i in clip_idx]
-        p_norms = _tree.unit_norms([p_paths[i][1] for i in clip_idx], axes)
-        g_norms = _tree.unit_norms([g_leaves[i] for i in clip_idx], axes)
+        p_norms = _norms.unit_norms([p_paths[i][1] for i in clip_idx], axes)
+        g_norms = _norms.unit_norms([g_leaves[i] for i in clip_idx], axes)
         c = jnp.asarray(clipping, jnp.float32)
         bounds = [c * jnp.maximum(pn, jnp.asarray(eps, jnp.float32)) for pn in p_norms]
-        factors = [_tree.scale_factor(gn, b) for gn, b in zip(g_norms, bounds, strict=True)]
+        factors = [_norms.scale_factor(gn, b) for gn, b in zip(g_norms, bounds, strict=True)]
 
         out = list(g_leaves)
         for i, f in zip(clip_idx, factors, strict=True):
-            out[i] = _tree.scale(g_leaves[i], f)
-        kept = jax.tree.leaves(_tree.leaf_norms([g_leaves[i] for i in keep_idx]))
+            out[i] = _norms.scale(g_leaves[i], f)
+        kept = jax.tree.leaves(_norms.leaf_norms([g_leaves[i] for i in keep_idx]))
         post_units = [gn * f for gn, f in zip(g_norms, factors, strict=True)]
-        pre, post, threshold = _tree.combine_norms_each(
+        pre, post, threshold = _norms.combine_norms_each(
             g_norms + kept, post_units + kept, [jnp.maximum(b, 0.0) for b in bounds]
         )
         flat_factors = [jnp.reshape(f, (-1,)) for f in factors]

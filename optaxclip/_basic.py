@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _checks, _stats, _tree
+from . import _checks, _norms, _stats
 
 F32 = jnp.float32
 MaxNorm = jax.typing.ArrayLike | Any | Callable[[Any, jax.Array], Any]
@@ -59,7 +59,7 @@ def clip_by_global_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        norm = _tree.global_norm(updates, axis_name)
+        norm = _norms.global_norm(updates, axis_name)
         return clip_to_bound(updates, state, norm, jnp.asarray(max_norm, F32))
 
     return optax.GradientTransformation(_stats.init_fn, update_fn)
@@ -72,8 +72,8 @@ def clip_to_bound(updates, stats: _stats.ClipStats, norm: jax.Array, bound: jax.
     transforms share: a multiply by `min(1, bound / norm)` that fuses into
     the next elementwise pass.
     """
-    factor = _tree.scale_factor(norm, bound)
-    clipped = jax.tree.map(lambda g: _tree.scale(g, factor), updates)
+    factor = _norms.scale_factor(norm, bound)
+    clipped = jax.tree.map(lambda g: _norms.scale(g, factor), updates)
     stats = _stats.record(
         stats,
         pre_clip_norm=norm,
@@ -150,11 +150,11 @@ def clip_by_leaf_norm(max_norm: MaxNorm, *, axis_name: str | None = None) -> opt
         del params
         leaves, treedef = jax.tree.flatten(updates)
         bounds = _leaf_bounds(fn, max_norm, updates)
-        norms = jax.tree.leaves(_tree.leaf_norms(leaves, axis_name))
-        factors = [_tree.scale_factor(n, b) for n, b in zip(norms, bounds, strict=True)]
-        out = [_tree.scale(g, f) for g, f in zip(leaves, factors, strict=True)]
+        norms = jax.tree.leaves(_norms.leaf_norms(leaves, axis_name))
+        factors = [_norms.scale_factor(n, b) for n, b in zip(norms, bounds, strict=True)]
+        out = [_norms.scale(g, f) for g, f in zip(leaves, factors, strict=True)]
         post_leaves = [n * f for n, f in zip(norms, factors, strict=True)]
-        pre, post, threshold = _tree.combine_norms_each(
+        pre, post, threshold = _norms.combine_norms_each(
             norms, post_leaves, [jnp.maximum(b, 0.0) for b in bounds]
         )
         stats = _stats.record(
@@ -229,10 +229,10 @@ def clip_by_value(
 
         leaves, treedef = jax.tree.flatten(updates)
         if min_value is None:
-            pre, post, clipped = _tree.symmetric_clamp_norms(leaves, hi)
+            pre, post, clipped = _norms.symmetric_clamp_norms(leaves, hi)
         else:
-            norms = jax.tree.leaves(_tree.leaf_norms(leaves))
-            pre = _tree.combine_norms(norms)
+            norms = jax.tree.leaves(_norms.leaf_norms(leaves))
+            pre = _norms.combine_norms(norms)
             # Out of range, from reductions XLA runs at memory speed; the stats never
             # hold a clamped copy of the updates. A non-finite step is counted as such
             # and never as clipped, as in the norm clips.
@@ -243,7 +243,7 @@ def clip_by_value(
             ]
             finite = jnp.isfinite(pre)
             clamped = [f & finite for f in clamped]
-            post = _tree.combine_norms(_tree.clamped_norms(leaves, lo, hi, norms, clamped))
+            post = _norms.combine_norms(_norms.clamped_norms(leaves, lo, hi, norms, clamped))
             clipped = jnp.any(jnp.stack(clamped)) if leaves else False
         stats = _stats.record(
             state,

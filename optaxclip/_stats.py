@@ -72,6 +72,13 @@ def increment(count: jax.Array, flag: Any) -> jax.Array:
     return jnp.where(flag, bumped, count).astype(jnp.int32)
 
 
+def ring_push(history: jax.Array, index: jax.Array, value: jax.Array, keep: jax.Array):
+    """Writes `value` at `index` of the ring buffer if `keep`; returns (history, index)."""
+    window = history.shape[0]
+    written = history.at[index % window].set(value)
+    return jnp.where(keep, written, history), jnp.where(keep, (index + 1) % window, index)
+
+
 def _path_str(path) -> str:
     parts = []
     for key in path:
