@@ -1,0 +1,182 @@
+"""Structural tests: what each transform's compiled training step contains, on any backend.
+
+For every transform chained before adam, the jitted step `update +
+apply_updates` is lowered and compiled (never run) and checked for:
+
+- no `conditional` (neither in the lowered StableHLO nor in the compiled
+  HLO): under `jax.vmap` a cond runs both branches, and on XLA:GPU a
+  conditional may copy its predicate to the host;
+- no host callback (a custom call into Python, an outfeed, a send/recv);
+- XLA temp beyond adam's own at most 5% of the gradient bytes (float32)
+  the transform reads: norms take one read and their rescale fuses into
+  adam's pass, so no gradient-sized temporary. For the DP aggregates the
+  baseline is adam after adding the same Gaussian noise (`jax.random.normal`
+  materializes its bits on XLA:CPU, a few gradients' worth, whoever calls
+  it), and the bytes are those of the per-example gradients (or of the
+  clipped sum) they take.
+
+`skip_spikes` is the exception by design and is not tested here: skipping
+the inner update is its purpose, so its `lax.cond` stays (DESIGN.md). The
+dynamic loss-scale wrapper is exempt for the same reason.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip
+
+F32 = jnp.float32
+BATCH = 32  # per-example rows for the DP cases
+TEMP_FRACTION = 0.05
+
+# A host callback compiles to a custom call into Python (jax.pure_callback,
+# jax.debug.print, io_callback) or to host transfers.
+_HOST = re.compile(r'custom_call_target="[^"]*(callback|python)[^"]*"|\b(outfeed|infeed|send|recv)\(')
+_CONDITIONAL = re.compile(r"\bconditional\(|stablehlo\.(if|case)\b")
+
+
+def _tree(seed=0, scale=1.0):
+    """~2e5 float32 params in Flax-like leaves (Dense kernels, a conv kernel, biases, a scalar)."""
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "dense1": {"kernel": (256, 512), "bias": (512,)},
+        "dense2": {"kernel": (256, 256), "bias": (256,)},
+        "conv": {"kernel": (3, 3, 8, 16)},
+        "scale": (),
+    }
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s) * scale, F32),
+        shapes,
+        is_leaf=lambda s: isinstance(s, tuple),
+    )
+
+
+PARAMS = _tree(0, 0.05)
+GRADS = _tree(1, 10.0)  # large enough that every threshold binds
+N_PARAMS = sum(x.size for x in jax.tree.leaves(PARAMS))
+GRAD_BYTES = 4 * N_PARAMS
+
+
+def _per_example(grads):
+    return jax.tree.map(lambda g: jnp.broadcast_to(g, (BATCH, *g.shape)) / BATCH, grads)
+
+
+def _clipped_sum():
+    loss = lambda p, x: sum(jnp.sum(w * x) for w in jax.tree.leaves(p))  # noqa: E731
+    summed = optaxclip.clipped_grad_sum(loss)
+    return jax.eval_shape(lambda p, x: summed(p, x, l2_norm_clip=1.0), PARAMS, jnp.zeros((BATCH,), F32))
+
+
+def _noised_adam():
+    """The DP baseline: adam on the gradient plus float32 Gaussian noise per leaf, divided by BATCH."""
+    adam = optax.adam(1e-3)
+
+    def init(params):
+        return adam.init(params), KEY
+
+    def update(grads, state, params=None):
+        key, noise_key = jax.random.split(state[1])
+        leaves, treedef = jax.tree.flatten(grads)
+        noised = [
+            (g + 1.1 * jax.random.normal(jax.random.fold_in(noise_key, i), g.shape, F32)) / BATCH
+            for i, g in enumerate(leaves)
+        ]
+        updates, inner = adam.update(treedef.unflatten(noised), state[0], params)
+        return updates, (inner, key)
+
+    return optax.GradientTransformation(init, update)
+
+
+# name -> (transform chained before adam, the gradients its update takes, DP?).
+KEY = jax.random.key(0)
+CASES = {
+    "clip_by_global_norm": (lambda: optaxclip.clip_by_global_norm(1.0), GRADS, False),
+    "clip_by_leaf_norm": (lambda: optaxclip.clip_by_leaf_norm(0.1), GRADS, False),
+    "clip_by_value": (lambda: optaxclip.clip_by_value(0.01), GRADS, False),
+    "clip_by_value_min": (lambda: optaxclip.clip_by_value(0.01, min_value=-0.02), GRADS, False),
+    "adaptive_grad_clip": (lambda: optaxclip.adaptive_grad_clip(0.01), GRADS, False),
+    "adaptive_clip_window": (lambda: optaxclip.adaptive_clip(window=1000), GRADS, False),
+    "adaptive_clip_streaming": (lambda: optaxclip.adaptive_clip(estimator="streaming"), GRADS, False),
+    "zscore_clip": (lambda: optaxclip.zscore_clip(), GRADS, False),
+    "dp_aggregate_per_example": (
+        lambda: optaxclip.dp_aggregate(1.0, 1.1, KEY, expected_batch_size=BATCH),
+        _per_example(GRADS),
+        True,
+    ),
+    "dp_aggregate_clipped_sum": (
+        lambda: optaxclip.dp_aggregate(1.0, 1.1, KEY, expected_batch_size=BATCH),
+        _clipped_sum(),
+        True,
+    ),
+    "dp_adaptive_aggregate_per_example": (
+        lambda: optaxclip.dp_adaptive_aggregate(1.0, 1.1, KEY, expected_batch_size=BATCH),
+        _per_example(GRADS),
+        True,
+    ),
+}
+if hasattr(optaxclip, "adagc"):
+    CASES["adagc"] = (lambda: optaxclip.adagc(), GRADS, False)
+
+
+def _compiled(tx, grads):
+    """`(lowered text, compiled text, temp bytes)` of the jitted step, params and state donated."""
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.eval_shape(tx.init, PARAMS)
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(PARAMS, state, grads)
+    compiled = lowered.compile()
+    return lowered.as_text(), compiled.as_text(), int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+@pytest.fixture(scope="module")
+def baselines():
+    """The compiled adam alone and noised adam (the DP baseline), by `dp`."""
+    return {False: _compiled(optax.adam(1e-3), GRADS), True: _compiled(_noised_adam(), GRADS)}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def compiled_case(request):
+    factory, grads, dp = CASES[request.param]
+    return request.param, grads, dp, _compiled(optax.chain(factory(), optax.adam(1e-3)), grads)
+
+
+def test_tree_size():
+    assert 1.5e5 < N_PARAMS < 3e5
+
+
+def test_no_conditional(compiled_case):
+    name, _, _, (lowered, text, _) = compiled_case
+    found = sorted({m.group(0) for m in _CONDITIONAL.finditer(lowered + text)})
+    assert not found, f"{name}: the compiled step has a data-dependent branch ({found})"
+
+
+def test_no_host_callback(compiled_case):
+    name, _, _, (lowered, text, _) = compiled_case
+    found = [m.group(0) for m in _HOST.finditer(lowered + text)]
+    assert not found, f"{name}: the compiled step calls the host ({sorted(set(found))})"
+
+
+def test_temp_beyond_adam(compiled_case, baselines):
+    name, grads, dp, (_, _, temp) = compiled_case
+    grad_bytes = sum(4 * x.size for x in jax.tree.leaves(grads))  # float32 bytes of the input it reads
+    base = baselines[dp][2]
+    extra = temp - base
+    assert extra <= TEMP_FRACTION * grad_bytes, (
+        f"{name}: XLA temp {temp} B is {extra} B beyond {'noised ' if dp else ''}adam's {base} B, "
+        f"{extra / grad_bytes:.1%} of the {grad_bytes} gradient bytes (<= {TEMP_FRACTION:.0%})"
+    )
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_baselines_have_no_conditional(baselines, dp):
+    lowered, text, _ = baselines[dp]
+    assert not _CONDITIONAL.search(lowered + text)
+    assert not _HOST.search(lowered + text)
