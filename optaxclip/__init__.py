@@ -24,6 +24,9 @@ from ._dp import DPAggregateState as DPAggregateState
 from ._dp import adaptive_noise_multipliers as adaptive_noise_multipliers
 from ._dp import dp_adaptive_aggregate as dp_adaptive_aggregate
 from ._dp import dp_aggregate as dp_aggregate
+from ._loss_scale import DynamicLossScaleState as DynamicLossScaleState
+from ._loss_scale import dynamic_loss_scale as dynamic_loss_scale
+from ._loss_scale import loss_scale as loss_scale
 from ._norms import global_norm as global_norm
 from ._per_example import ClippedGradSum as ClippedGradSum
 from ._per_example import clipped_grad_sum as clipped_grad_sum
@@ -42,6 +45,7 @@ __all__ = [
     "ClippedGradSum",
     "DPAdaptiveAggregateState",
     "DPAggregateState",
+    "DynamicLossScaleState",
     "Finding",
     "SkipSpikesState",
     "ZScoreClipState",
@@ -49,6 +53,8 @@ __all__ = [
     "adaptive_noise_multipliers",
     "clipped_grad_sum",
     "dp_adaptive_aggregate",
+    "dynamic_loss_scale",
+    "loss_scale",
     "skip_spikes",
     "spike_steps",
     "suggest_threshold",
