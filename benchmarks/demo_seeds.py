@@ -9,8 +9,8 @@ stays finite and its final loss is below `--trained-below`, and as spiked
 when it goes non-finite or its loss rises more than `--spike-rise` nats
 above its best so far.
 
-Run: `python benchmarks/demo_seeds.py [--seeds 0,1,2,3,4,5,6] [demo flags...]`
-(about 7 s per run on 2 CPU cores at the default sizes).
+Run from the repository root: `python -m benchmarks.demo_seeds [--seeds 0,1,2,3,4,5,6]
+[demo flags...]` (about 7 s per run on 2 CPU cores at the default sizes).
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
 import numpy as np
 
+from examples import lstm_exploding as demo
+
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples"))
-import lstm_exploding as demo  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -33,7 +32,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0,1,2,3,4,5,6")
     ap.add_argument("--trained-below", type=float, default=2.0, help="final loss that counts as trained")
     ap.add_argument("--spike-rise", type=float, default=5.0, help="loss rise (nats) that counts as a spike")
-    ap.add_argument("--name", default="demo_seeds", help="results/<name>.{json,md}")
+    ap.add_argument("--name", default="demo_seeds", help="<out>/<name>.{json,md}")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for the results")
     ours, demo_argv = ap.parse_known_args(argv)
     seeds = [int(s) for s in ours.seeds.split(",")]
     args = demo.parse_args(demo_argv + ["--no-progress"])
@@ -83,8 +83,8 @@ def main(argv=None) -> dict:
         lines.append(f"| {name} | " + " | ".join(cells) + counts)
     table = "\n".join(lines)
     print("\n" + table)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
+    out = pathlib.Path(ours.out)
+    out.mkdir(parents=True, exist_ok=True)
     payload = {"settings": settings, "seeds": seeds, "wall_s": wall, "results": results}
     (out / f"{ours.name}.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
     (out / f"{ours.name}.md").write_text(table + "\n")
