@@ -56,9 +56,33 @@ run() {
 
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
-# 1. optaxclip itself, without dependencies and without build isolation (no network). Running from
-#    the repository root imports ./optaxclip even if this fails (e.g. an old setuptools).
+# 1. optaxclip itself, without dependencies and without build isolation (no network). If pip cannot
+#    build it (pyproject.toml's license string needs setuptools >= 77), a .pth file in site-packages
+#    points at this checkout instead (the same effect as an editable install). The benchmarks run
+#    from the repository root, so they import ./optaxclip either way.
 run install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
+if ! (cd / && "$PY" -c "import optaxclip") >/dev/null 2>&1; then
+    "$PY" - "$PWD" <<'EOF' | tee -a "$OUT/install.log"
+import os, site, sys
+
+for d in [*site.getsitepackages(), site.getusersitepackages()]:
+    try:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "optaxclip-checkout.pth"), "w") as f:
+            f.write(sys.argv[1] + "\n")
+        print(f"pip could not install optaxclip: {d}/optaxclip-checkout.pth points at {sys.argv[1]}")
+        break
+    except OSError:
+        continue
+EOF
+    if (cd / && "$PY" -c "import optaxclip") >/dev/null 2>&1; then
+        printf 'install (.pth fallback)\tok\t0\n' >>"$status_file"
+    else
+        printf 'install (.pth fallback)\tfailed (running from the checkout)\t0\n' >>"$status_file"
+    fi
+fi
+(cd / && "$PY" -c "import optaxclip; print('optaxclip', optaxclip.__version__, 'from', optaxclip.__file__)") |
+    tee -a "$OUT/install.log"
 "$PY" -c "import jax; print('devices:', jax.devices())" | tee "$OUT/devices.log"
 
 # 2. The update step at GPU sizes (plan `gpu` in benchmarks/run.py). run.py writes its files after
