@@ -27,6 +27,7 @@ from ._dp import dp_aggregate as dp_aggregate
 from ._loss_scale import DynamicLossScaleState as DynamicLossScaleState
 from ._loss_scale import dynamic_loss_scale as dynamic_loss_scale
 from ._loss_scale import loss_scale as loss_scale
+from ._ghost import ghost_clipped_grad_sum as ghost_clipped_grad_sum
 from ._norms import global_norm as global_norm
 from ._per_example import ClippedGradSum as ClippedGradSum
 from ._per_example import clipped_grad_sum as clipped_grad_sum
@@ -67,6 +68,7 @@ __all__ = [
     "dp_aggregate",
     "format_findings",
     "flax_unit_axes",
+    "ghost_clipped_grad_sum",
     "global_norm",
     "metrics",
     "per_example_grads",
