@@ -5,6 +5,8 @@ Every transform is an `optax.GradientTransformation` whose state holds a
 with `optaxclip.stats(opt_state)` or `optaxclip.metrics(opt_state)`.
 """
 
+from ._adagc import AdaGCClipState as AdaGCClipState
+from ._adagc import adagc_clip as adagc_clip
 from ._adaptive import AdaptiveClipState as AdaptiveClipState
 from ._adaptive import ZScoreClipState as ZScoreClipState
 from ._adaptive import adaptive_clip as adaptive_clip
@@ -41,6 +43,7 @@ from ._stats import stats as stats
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGCClipState",
     "AdaptiveClipState",
     "ClipStats",
     "ClippedGradSum",
@@ -50,6 +53,7 @@ __all__ = [
     "Finding",
     "SkipSpikesState",
     "ZScoreClipState",
+    "adagc_clip",
     "adaptive_clip",
     "adaptive_noise_multipliers",
     "clipped_grad_sum",
