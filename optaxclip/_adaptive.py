@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _checks, _norms, _stats
-from ._basic import clip_to_bound
+from ._clip import clip_to_bound
 
 F32 = jnp.float32
 I32 = jnp.int32

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _checks, _norms, _stats
+from ._clip import clip_units
 
 Axes = tuple[int, ...]
 
@@ -74,7 +75,8 @@ def adaptive_grad_clip(
     Edge cases:
       Norms are float32 and overflow-free. A zero gradient stays zero, also
       with `clipping == 0`. A unit whose gradient is NaN/inf passes through
-      unscaled and the step counts as non-finite.
+      unscaled and the step counts as non-finite. Integer and `float0`
+      leaves pass through untouched.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip
@@ -110,32 +112,20 @@ def adaptive_grad_clip(
                 f"{fn}: `mask` must have the structure of the params; got mask with "
                 f"{jax.tree.structure(m)}, params with {treedef}."
             )
-        clip_idx = [i for i, f in enumerate(flags) if f]
-        keep_idx = [i for i, f in enumerate(flags) if not f]
+        floats = set(_norms.float_leaves(updates)[2])
+        clip_idx = [i for i, f in enumerate(flags) if f and i in floats]
+        keep_idx = [i for i, f in enumerate(flags) if not f and i in floats]
         rule = flax_unit_axes if unit_axes is None else unit_axes
         axes = [tuple(rule(p_paths[i][0], p_paths[i][1])) for i in clip_idx]
         p_norms = _norms.unit_norms([p_paths[i][1] for i in clip_idx], axes)
         g_norms = _norms.unit_norms([g_leaves[i] for i in clip_idx], axes)
-        c = jnp.asarray(clipping, jnp.float32)
-        bounds = [c * jnp.maximum(pn, jnp.asarray(eps, jnp.float32)) for pn in p_norms]
-        factors = [_norms.scale_factor(gn, b) for gn, b in zip(g_norms, bounds, strict=True)]
-
+        c, floor = jnp.asarray(clipping, jnp.float32), jnp.asarray(eps, jnp.float32)
+        bounds = [c * jnp.maximum(pn, floor) for pn in p_norms]
+        kept = _norms.leaf_norms([g_leaves[i] for i in keep_idx])
+        scaled, stats = clip_units(state, [g_leaves[i] for i in clip_idx], g_norms, bounds, kept)
         out = list(g_leaves)
-        for i, f in zip(clip_idx, factors, strict=True):
-            out[i] = _norms.scale(g_leaves[i], f)
-        kept = jax.tree.leaves(_norms.leaf_norms([g_leaves[i] for i in keep_idx]))
-        post_units = [gn * f for gn, f in zip(g_norms, factors, strict=True)]
-        pre, post, threshold = _norms.combine_norms_each(
-            g_norms + kept, post_units + kept, [jnp.maximum(b, 0.0) for b in bounds]
-        )
-        flat_factors = [jnp.reshape(f, (-1,)) for f in factors]
-        stats = _stats.record(
-            state,
-            pre_clip_norm=pre,
-            post_clip_norm=post,
-            threshold=threshold,
-            clipped=jnp.any(jnp.concatenate(flat_factors) < 1) if factors else False,
-        )
+        for i, g in zip(clip_idx, scaled, strict=True):
+            out[i] = g
         return treedef.unflatten(out), stats
 
     return optax.GradientTransformation(_stats.init_fn, update_fn)

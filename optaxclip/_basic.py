@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import optax
 
 from . import _checks, _norms, _stats
+from ._clip import clip_to_bound, clip_units
 
 F32 = jnp.float32
-MaxNorm = jax.typing.ArrayLike | Any | Callable[[Any, jax.Array], Any]
+Bound = jax.typing.ArrayLike | Any | Callable[[Any, jax.Array], Any]
 
 
 def clip_by_global_norm(
@@ -65,47 +66,38 @@ def clip_by_global_norm(
     return optax.GradientTransformation(_stats.init_fn, update_fn)
 
 
-def clip_to_bound(updates, stats: _stats.ClipStats, norm: jax.Array, bound: jax.Array):
-    """Scales `updates` (global norm `norm`) to norm <= `bound`; returns them and new stats.
+def _check_bound_spec(fn: str, name: str, bound: Bound, check) -> None:
+    """Checks a number or a pytree of numbers at construction (a callable is checked per leaf)."""
+    if callable(bound):
+        return
+    for path, b in jax.tree_util.tree_flatten_with_path(bound)[0]:
+        check(fn, f"{name}{jax.tree_util.keystr(path)}", b)
 
-    The one global-norm clip step that `clip_by_global_norm` and the adaptive
-    transforms share: a multiply by `min(1, bound / norm)` that fuses into
-    the next elementwise pass.
+
+def leaf_bounds(fn: str, name: str, bound: Bound, updates: Any, check) -> list:
+    """One bound per leaf of `updates` from a number, a pytree with their structure, or a callable.
+
+    A callable `(path, leaf) -> number` is called once per leaf at trace
+    time, and each value is checked with `check(fn, name, value)`.
     """
-    factor = _norms.scale_factor(norm, bound)
-    clipped = jax.tree.map(lambda g: _norms.scale(g, factor), updates)
-    stats = _stats.record(
-        stats,
-        pre_clip_norm=norm,
-        post_clip_norm=norm * factor,
-        threshold=bound,
-        clipped=factor < 1,
-    )
-    return clipped, stats
-
-
-def _leaf_bounds(fn: str, max_norm: MaxNorm, updates: Any) -> list[jax.Array]:
-    """The per-leaf bounds of `clip_by_leaf_norm`, validated, one per leaf."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    if callable(max_norm):
-        bounds = [max_norm(path, leaf) for path, leaf in leaves]
+    if callable(bound):
+        bounds = [bound(path, leaf) for path, leaf in leaves]
         for (path, _), b in zip(leaves, bounds, strict=True):
-            _checks.positive(fn, f"max_norm{jax.tree_util.keystr(path)}", b)
-    elif jax.tree_util.treedef_is_leaf(jax.tree.structure(max_norm)):
-        bounds = [max_norm] * len(leaves)
-    else:
-        got = jax.tree.structure(max_norm)
-        if got != treedef:
-            raise ValueError(
-                f"{fn}: `max_norm` must be a number, a callable, or a pytree with the "
-                f"structure of the updates; got max_norm with structure {got}, "
-                f"updates have {treedef}."
-            )
-        bounds = jax.tree.leaves(max_norm)  # validated at construction
-    return [jnp.asarray(b, F32) for b in bounds]
+            check(fn, f"{name}{jax.tree_util.keystr(path)}", b)
+        return bounds
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(bound)):
+        return [bound] * len(leaves)
+    got = jax.tree.structure(bound)
+    if got != treedef:
+        raise ValueError(
+            f"{fn}: `{name}` must be a number, a callable, or a pytree with the structure of "
+            f"the updates; got {name} with structure {got}, updates have {treedef}."
+        )
+    return jax.tree.leaves(bound)  # checked at construction
 
 
-def clip_by_leaf_norm(max_norm: MaxNorm, *, axis_name: str | None = None) -> optax.GradientTransformation:
+def clip_by_leaf_norm(max_norm: Bound, *, axis_name: str | None = None) -> optax.GradientTransformation:
     """Clips each leaf (parameter tensor) to its own L2 norm bound.
 
     Each leaf `g` becomes `g * min(1, bound / ||g||)`.
@@ -127,7 +119,8 @@ def clip_by_leaf_norm(max_norm: MaxNorm, *, axis_name: str | None = None) -> opt
     Edge cases:
       Norms as in `clip_by_global_norm`: float32, no overflow, zero stays
       zero; a leaf with a NaN/inf passes through unscaled and the step
-      counts as non-finite.
+      counts as non-finite. Integer and `float0` leaves pass through and
+      are left out of the norms and the threshold.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip
@@ -142,59 +135,71 @@ def clip_by_leaf_norm(max_norm: MaxNorm, *, axis_name: str | None = None) -> opt
       networks, 2013. https://arxiv.org/abs/1211.5063
     """
     fn = "clip_by_leaf_norm"
-    if not callable(max_norm):
-        for b in jax.tree.leaves(max_norm):
-            _checks.positive(fn, "max_norm", b)
+    _check_bound_spec(fn, "max_norm", max_norm, _checks.positive)
 
     def update_fn(updates, state, params=None):
         del params
-        leaves, treedef = jax.tree.flatten(updates)
-        bounds = _leaf_bounds(fn, max_norm, updates)
-        norms = jax.tree.leaves(_norms.leaf_norms(leaves, axis_name))
-        factors = [_norms.scale_factor(n, b) for n, b in zip(norms, bounds, strict=True)]
-        out = [_norms.scale(g, f) for g, f in zip(leaves, factors, strict=True)]
-        post_leaves = [n * f for n, f in zip(norms, factors, strict=True)]
-        pre, post, threshold = _norms.combine_norms_each(
-            norms, post_leaves, [jnp.maximum(b, 0.0) for b in bounds]
-        )
-        stats = _stats.record(
-            state,
-            pre_clip_norm=pre,
-            post_clip_norm=post,
-            threshold=threshold,
-            clipped=jnp.any(jnp.stack(factors) < 1) if factors else False,
-        )
+        leaves, treedef, idx = _norms.float_leaves(updates)
+        bounds = leaf_bounds(fn, "max_norm", max_norm, updates, _checks.positive)
+        floats = [leaves[i] for i in idx]
+        norms = _norms.leaf_norms(floats, axis_name)
+        scaled, stats = clip_units(state, floats, norms, [jnp.asarray(bounds[i], F32) for i in idx])
+        out = list(leaves)
+        for i, g in zip(idx, scaled, strict=True):
+            out[i] = g
         return treedef.unflatten(out), stats
 
     return optax.GradientTransformation(_stats.init_fn, update_fn)
 
 
-def clip_by_value(
-    max_value: jax.typing.ArrayLike,
-    min_value: jax.typing.ArrayLike | None = None,
-) -> optax.GradientTransformation:
+def _exponent(m: jax.Array) -> jax.Array:
+    """`k` with `m * 2**-k` in [0.5, 1), clamped so `2**-k` is a normal float32; 0 for m = 0/inf/NaN."""
+    m = jnp.where(jnp.isfinite(m) & (m > 0), m, 1.0)
+    return jnp.clip(jnp.frexp(m)[1], -126, 126)
+
+
+def _clamp_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):
+    """Pre-clip sums, post-clip norm and whether an element left `[lo, hi]`: one read of `x`.
+
+    The clamped values are squared after scaling by a power of two near
+    `max(|lo|, |hi|)` (exact), so no bound can overflow or underflow the
+    post-clip sum; contributions below about 1e-19 of that bound are lost.
+    """
+    x = x.astype(F32)
+    k = _exponent(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+    s = jnp.ldexp(jnp.ones((), F32), -k)
+    pre = _norms.sumsq_pair(x, tuple(range(x.ndim)))
+    inside = jnp.sum(jnp.square(jnp.clip(x * s, lo * s, hi * s)))
+    out_of_range = jnp.any((x > hi) | (x < lo))
+    return pre, jnp.sqrt(inside) * jnp.ldexp(jnp.ones((), F32), k), out_of_range
+
+
+def clip_by_value(max_value: Bound, min_value: Bound | None = None) -> optax.GradientTransformation:
     """Clamps every element of the updates into `[min_value, max_value]`.
 
+    Each bound is one number for all leaves, a pytree of numbers with the
+    structure of the updates, or a callable `(path, leaf) -> number` (as
+    `clip_by_leaf_norm`'s `max_norm`), so layers can have their own ranges.
+
     Args:
-      max_value: Upper bound. With `min_value=None` it must be > 0 and the
-        range is `[-max_value, max_value]`.
-      min_value: Lower bound, <= `max_value`; defaults to `-max_value`.
+      max_value: Upper bound(s), finite. With `min_value=None` each must be
+        > 0 and the range is `[-max_value, max_value]`.
+      min_value: Lower bound(s), finite and <= `max_value`; defaults to
+        `-max_value`.
 
     Returns:
       An `optax.GradientTransformation`; its state is a `ClipStats` whose
-      `threshold` is `max(|min_value|, |max_value|)`, the largest magnitude
-      an element may keep, and whose `clipped` is true when any element was
-      clamped.
+      `threshold` is the largest `max(|min_value|, |max_value|)` over the
+      leaves (the largest magnitude an element may keep), and whose
+      `clipped` is true when any element was clamped.
 
     Edge cases:
       An infinite element stays infinite and a NaN stays NaN (optax's
       `clip` turns inf into the bound, hiding the overflow); the step
       counts as non-finite and records `clipped=False`, as the norm clips
-      do. The stats' norms are float32 and overflow-free. They cost two
-      reads of the updates with the default symmetric range (sums of
-      `min(g**2, max_value**2)` and of the excess over it); with a
-      `min_value`, a pre-clip norm, an out-of-range test and, on steps where
-      something was clamped, a third read for the post-clip norm.
+      do. The stats' norms are float32 and overflow-free. Integer and
+      `float0` leaves pass through untouched (a step counter stays as it
+      is) and are left out of the norms.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip
@@ -202,56 +207,63 @@ def clip_by_value(
       >>> out, _ = tx.update({"w": jnp.array([-3.0, 0.5, 2.0])}, tx.init(None))
       >>> print(out["w"])
       [-1.   0.5  1. ]
+      >>> per_layer = optaxclip.clip_by_value({"head": 100.0, "rnn": 10.0})
+      >>> g = {"head": jnp.array([150.0]), "rnn": jnp.array([-20.0])}
+      >>> out, _ = per_layer.update(g, per_layer.init(None))
+      >>> print(out["head"], out["rnn"])
+      [100.] [-10.]
 
     References:
       Mikolov, Statistical language models based on neural networks, PhD
       thesis, 2012 (gradient value clipping for RNNs).
     """
     fn = "clip_by_value"
-    _checks.finite(fn, "max_value", max_value)
+    _check_bound_spec(fn, "max_value", max_value, _checks.finite)
     if min_value is None:
-        _checks.positive(fn, "max_value", max_value)
+        _check_bound_spec(fn, "max_value", max_value, _checks.positive)
     else:
-        _checks.finite(fn, "min_value", min_value)
-        _checks.ordered(fn, "min_value", min_value, "max_value", max_value)
+        _check_bound_spec(fn, "min_value", min_value, _checks.finite)
+        one = lambda b: not callable(b) and jax.tree_util.treedef_is_leaf(jax.tree.structure(b))
+        if one(min_value) and one(max_value):  # per-leaf pairs are checked at the first update
+            _checks.ordered(fn, "min_value", min_value, "max_value", max_value)
 
     def update_fn(updates, state, params=None):
         del params
-        hi = jnp.asarray(max_value, F32)
-        lo = -hi if min_value is None else jnp.asarray(min_value, F32)
-
-        def clamp(g):
-            x = g.astype(F32)
-            # Keep +-inf (and NaN) as it is: clamping would turn an overflow into the
-            # bound. `x - x == 0` tests finiteness without an `abs` that XLA could
-            # share with a reduction of the stats and so materialize.
-            return jnp.where(x - x == 0, jnp.clip(x, lo, hi), x).astype(g.dtype)
-
-        leaves, treedef = jax.tree.flatten(updates)
+        leaves, treedef, idx = _norms.float_leaves(updates)
+        his = leaf_bounds(fn, "max_value", max_value, updates, _checks.finite)
         if min_value is None:
-            pre, post, clipped = _norms.symmetric_clamp_norms(leaves, hi)
+            los = [None] * len(leaves)
         else:
-            norms = jax.tree.leaves(_norms.leaf_norms(leaves))
-            pre = _norms.combine_norms(norms)
-            # Out of range, from reductions XLA runs at memory speed; the stats never
-            # hold a clamped copy of the updates. A non-finite step is counted as such
-            # and never as clipped, as in the norm clips.
-            clamped = [
-                (jnp.max(g, initial=-jnp.inf).astype(F32) > hi)
-                | (jnp.min(g, initial=jnp.inf).astype(F32) < lo)
-                for g in leaves
-            ]
-            finite = jnp.isfinite(pre)
-            clamped = [f & finite for f in clamped]
-            post = _norms.combine_norms(_norms.clamped_norms(leaves, lo, hi, norms, clamped))
-            clipped = jnp.any(jnp.stack(clamped)) if leaves else False
+            los = leaf_bounds(fn, "min_value", min_value, updates, _checks.finite)
+            for lo, hi in zip(los, his, strict=True):
+                _checks.ordered(fn, "min_value", lo, "max_value", hi)
+        out = list(leaves)
+        plain, scaled, pre_leaf, post_leaf, flags, limits = [], [], [], [], [], []
+        for i in idx:
+            hi = jnp.asarray(his[i], F32)
+            lo = -hi if los[i] is None else jnp.asarray(los[i], F32)
+            (p, s), post, flag = _clamp_stats(leaves[i], lo, hi)
+            plain.append(jnp.sum(p))
+            scaled.append(jnp.sum(s))
+            pre_leaf.append(_norms.root(plain[-1], scaled[-1]))
+            # A leaf with nothing clamped keeps its pre-clip norm (its clamped sum may have
+            # lost tiny elements to the bound's scale).
+            post_leaf.append(jnp.where(flag, post, pre_leaf[-1]))
+            flags.append(flag)
+            limits.append(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+            x = leaves[i].astype(F32)
+            # Keep +-inf (and NaN) as it is: clamping would turn an overflow into the bound.
+            out[i] = jnp.where(jnp.isfinite(x), jnp.clip(x, lo, hi), x).astype(leaves[i].dtype)
+        zero = jnp.zeros((), F32)
+        pre = _norms.root(sum(plain, zero), sum(scaled, zero))
+        clipped = jnp.any(jnp.stack(flags)) & jnp.isfinite(pre) if flags else jnp.zeros((), bool)
         stats = _stats.record(
             state,
             pre_clip_norm=pre,
-            post_clip_norm=post,
-            threshold=jnp.maximum(jnp.abs(lo), jnp.abs(hi)),
+            post_clip_norm=jnp.where(clipped, _norms.combine_norms(post_leaf), pre),
+            threshold=jnp.max(jnp.stack(limits)) if limits else zero,
             clipped=clipped,
         )
-        return treedef.unflatten([clamp(g) for g in leaves]), stats
+        return treedef.unflatten(out), stats
 
     return optax.GradientTransformation(_stats.init_fn, update_fn)

@@ -43,6 +43,27 @@ class DPAggregateState(NamedTuple):
     NONPRIVATE_FIELDS = _NONPRIVATE
 
 
+def _check_batch_axis(fn: str, updates, params) -> None:
+    """Raises unless every leaf of `updates` has one leading batch axis of the same size."""
+    paths = jax.tree_util.tree_flatten_with_path(updates)[0]
+    shapes = {jax.tree_util.keystr(p): jnp.shape(x) for p, x in paths}
+    sizes = {k: v[0] if v else None for k, v in shapes.items()}
+    if None in sizes.values() or len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"{fn}: `updates` must be per-example gradients, every leaf with the same leading "
+            f"batch axis (batch, *param.shape), got leaf shapes {shapes}."
+        )
+    if params is None:
+        return
+    p_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    p_shapes = {jax.tree_util.keystr(p): jnp.shape(x) for p, x in p_paths}
+    if p_shapes.keys() == shapes.keys() and any(shapes[k][1:] != v for k, v in p_shapes.items()):
+        raise ValueError(
+            f"{fn}: `updates` must be per-example gradients of shape (batch, *param.shape) "
+            f"(from `per_example_grads`), got leaf shapes {shapes} for params of shapes {p_shapes}."
+        )
+
+
 def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, axis_name):
     """Clip (unless already), sum, psum, add noise, normalize, record: the shared DP step.
 
@@ -61,6 +82,7 @@ def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, ax
         like = jax.tree.leaves(params) if params is not None else leaves
     else:
         leaves, treedef = jax.tree.flatten(updates)
+        _check_batch_axis(fn, updates, params)
         norms = _norms.batch_global_norms(updates)
         real = _row_mask(mask, norms.shape[0])
         sums = _clip_and_sum(leaves, norms, real, clip)
@@ -69,7 +91,7 @@ def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, ax
     n_real = jnp.sum(real & finite).astype(F32)
     dropped = jnp.sum(real & ~finite).astype(jnp.int32)
     clipped_any = jnp.any(real & finite & (norms > clip))
-    if axis_name is not None:
+    if axis_name is not None:  # every device ends with the same (replicated) values
         sums = [jax.lax.psum(s, axis_name) for s in sums]
         n_real = jax.lax.psum(n_real, axis_name)
         dropped = jax.lax.psum(dropped, axis_name)
@@ -82,7 +104,8 @@ def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, ax
     released = treedef.unflatten(out)
     stats = _stats.record(
         stats,
-        pre_clip_norm=_norms.combine_norms([jnp.where(real, norms, 0.0)]),  # padding excluded
+        # Padding excluded; over all devices' examples.
+        pre_clip_norm=_norms.combine_norms([jnp.where(real, norms, 0.0)], axis_name),
         post_clip_norm=_norms.global_norm(released),
         threshold=clip,
         clipped=clipped_any,
@@ -114,7 +137,8 @@ def dp_aggregate(
     (replacing one example by another moves the sum by up to twice that).
 
     Args:
-      l2_norm_clip: Per-example clip norm; > 0. Schedulable.
+      l2_norm_clip: Per-example clip norm; > 0 and finite (an infinite clip
+        norm would make the noise infinite). Schedulable.
       noise_multiplier: Noise std in units of `l2_norm_clip`; >= 0.
         Schedulable.
       key: A PRNG key (typed or legacy).
@@ -147,7 +171,9 @@ def dp_aggregate(
       https://arxiv.org/abs/1607.00133
     """
     fn = "dp_aggregate"
-    _checks.positive(fn, "l2_norm_clip", l2_norm_clip)
+    _checks.positive_finite(fn, "l2_norm_clip", l2_norm_clip)
+    _checks.finite(fn, "noise_multiplier", noise_multiplier)
+    _checks.prng_key(fn, "key", key)
     _checks.non_negative(fn, "noise_multiplier", noise_multiplier)
     if expected_batch_size is not None:
         _checks.integer_at_least(fn, "expected_batch_size", expected_batch_size, 1)
@@ -298,7 +324,9 @@ def dp_adaptive_aggregate(
       2021. https://arxiv.org/abs/1905.03871
     """
     fn = "dp_adaptive_aggregate"
-    _checks.positive(fn, "initial_l2_norm_clip", initial_l2_norm_clip)
+    _checks.positive_finite(fn, "initial_l2_norm_clip", initial_l2_norm_clip)
+    _checks.finite(fn, "noise_multiplier", noise_multiplier)
+    _checks.prng_key(fn, "key", key)
     _checks.in_range(
         fn, "target_unclipped_quantile", target_unclipped_quantile, 0.0, 1.0, lo_open=True, hi_open=True
     )
