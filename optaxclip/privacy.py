@@ -249,10 +249,12 @@ def noise_multiplier_for(
       The noise multiplier, searched from 0.3 up; with truncation from 0.6
       up (its analysis also runs a mechanism at half the noise, slow and
       memory-hungry below that). With a `batch_size` a few standard
-      deviations above the expected one, the untruncated multiplier is
-      within about 1e-4 of epsilon of the truncated one: calibrating without
-      truncation and reporting `epsilon(..., truncated_batch_size=...)` is
-      much faster (one truncated evaluation instead of about ten).
+      deviations above the expected one, the untruncated multiplier spends
+      barely more than the target once truncation is accounted (measured:
+      8.0011 for a target of 8 with batches of 192 for an expected 128 of
+      20,000, 150 steps): calibrating without truncation and reporting
+      `epsilon(..., truncated_batch_size=...)` is much faster (one truncated
+      evaluation instead of about ten).
 
     Raises:
       ValueError: with truncation, if 0.6 already meets `target_epsilon`.
