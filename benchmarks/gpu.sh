@@ -103,7 +103,7 @@ fi
 
 # 4. The demo (needs flax, tqdm, matplotlib): unclipped vs clipped LSTM training.
 if have flax && have tqdm && have matplotlib; then
-    run demo 90 "$PY" examples/lstm_exploding.py --no-progress --out "$OUT/demo"
+    run demo 90 "$PY" -m examples.lstm_exploding --no-progress --out "$OUT/demo"
 else
     printf 'demo\tskipped (flax, tqdm or matplotlib missing)\t0\n' >>"$status_file"
 fi

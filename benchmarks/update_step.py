@@ -148,6 +148,8 @@ VARIANTS = {
         OPTAX_GLOBAL,
     ),
     "optaxclip zscore_clip": (_chain(optaxclip.zscore_clip), FLOOR, OPTAX_GLOBAL),
+    # Per-tensor norms (one read of the gradients), as clip_by_block_rms.
+    "optaxclip adagc_clip": (_chain(optaxclip.adagc_clip), FLOOR, OPTAX_LEAF),
 }
 # Timed vmapped: adam, the optax counterparts and every optaxclip transform (floors and the
 # hand-fused step have single-state targets only).

@@ -103,6 +103,7 @@ CASES = {
     "adaptive_clip_window": (lambda: optaxclip.adaptive_clip(window=1000), GRADS, False),
     "adaptive_clip_streaming": (lambda: optaxclip.adaptive_clip(estimator="streaming"), GRADS, False),
     "zscore_clip": (lambda: optaxclip.zscore_clip(), GRADS, False),
+    "adagc_clip": (lambda: optaxclip.adagc_clip(), GRADS, False),
     "dp_aggregate_per_example": (
         lambda: optaxclip.dp_aggregate(1.0, 1.1, KEY, expected_batch_size=BATCH),
         _per_example(GRADS),
@@ -119,8 +120,6 @@ CASES = {
         True,
     ),
 }
-if hasattr(optaxclip, "adagc"):
-    CASES["adagc"] = (lambda: optaxclip.adagc(), GRADS, False)
 
 
 def _compiled(tx, grads):
