@@ -71,6 +71,38 @@ def spike_steps(norms: Sequence[float]) -> np.ndarray:
     return np.flatnonzero(finite & (cnt[t] >= 10) & (x > SPIKE_FACTOR * mean))
 
 
+def _loss_divergence(losses: Sequence[float]) -> tuple[float, float, int] | None:
+    """Whether a loss history ended far above its best, judged on smoothed losses.
+
+    Per-step losses are noisy: their minimum is an outlier, not the best the
+    model reached. Both ends are window means instead: the mean of the last
+    `max(window, n // 10)` finite losses against the lowest mean of `window`
+    consecutive finite losses (`window = max(5, n // 20)`). It is divergence
+    when the end is above 1.5x the best, and above it by more than 0.1x the
+    best's magnitude and by more than 4 standard errors of a window mean
+    (noise estimated from step-to-step differences, so a trend does not
+    count as noise).
+
+    Returns `(end, best, window)` when the loss diverged, else None (also
+    with fewer than 20 finite losses).
+    """
+    x = _as_array("losses", losses)
+    x = x[np.isfinite(x)]
+    n = x.shape[0]
+    if n < 20:
+        return None
+    window = max(5, n // 20)
+    means = np.convolve(x, np.ones(window) / window, mode="valid")
+    best = float(np.min(means))
+    tail = float(np.mean(x[-max(window, n // 10) :]))
+    d = np.diff(x)
+    noise = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2)  # robust per-step std
+    margin = max(0.1 * abs(best), 4 * noise / np.sqrt(window), 1e-12)
+    if tail > 1.5 * best and tail - best > margin:
+        return tail, best, window
+    return None
+
+
 def suggest_threshold(norms: Sequence[float], quantile: float = 0.95) -> float:
     """A global-norm clipping threshold near the top of the normal range.
 
@@ -125,7 +157,7 @@ def diagnose(
       - norms persistently below 1e-5: vanishing gradients (initialization,
         residual connections, normalization);
       - with `losses`: non-finite losses, and a loss that ended far above
-        its best (divergence).
+        its best (divergence), judged on window means, not on the noisy per-step minimum.
     If nothing is wrong, one `"ok"` finding gives the suggested threshold.
 
     Args:
@@ -247,20 +279,19 @@ def diagnose(
                     tuple(int(s) for s in lbad[:20]),
                 )
             )
-        fl = loss[np.isfinite(loss)]
-        if fl.size >= 20:
-            tail = float(np.mean(fl[-max(1, fl.size // 10) :]))
-            best = float(np.min(fl))
-            if tail > 1.5 * best and tail - best > 0.1 * abs(best) + 1e-12:
-                out.append(
-                    Finding(
-                        "loss_diverging",
-                        "warning",
-                        f"the loss ended at {tail:.3g}, far above its best {best:.3g}.",
-                        "training diverged: the learning rate is too high or the updates too large",
-                        "lower the learning rate or clip the gradients",
-                    )
+        diverged = _loss_divergence(loss)
+        if diverged is not None:
+            tail, best, window = diverged
+            out.append(
+                Finding(
+                    "loss_diverging",
+                    "warning",
+                    f"the loss (mean over {window} steps) ended at {tail:.3g}, far above its best "
+                    f"{best:.3g}.",
+                    "training diverged: the learning rate is too high or the updates too large",
+                    "lower the learning rate or clip the gradients",
                 )
+            )
 
     if not out:
         out.append(

@@ -66,6 +66,18 @@ def test_loss_rules():
     assert codes(optaxclip.diagnose(norms, losses=loss))[0] == "loss_nonfinite"
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_loss_diverging_judges_smoothed_losses(seed):
+    rng = np.random.default_rng(seed)
+    norms = steady(400, seed)
+    flat = 3.0 + 0.4 * rng.standard_normal(400)  # healthy noise: its raw minimum is far below 2
+    assert np.min(flat) < 2.0 and "loss_diverging" not in codes(optaxclip.diagnose(norms, losses=flat))
+    rising = np.concatenate([np.linspace(3, 1, 200), np.linspace(1, 6, 200)]) + 0.4 * rng.standard_normal(400)
+    (f,) = [f for f in optaxclip.diagnose(norms, losses=rising) if f.code == "loss_diverging"]
+    end, best = (float(w) for w in f.message.rstrip(".").split("ended at ")[1].split(", far above its best "))
+    assert 5.0 < end < 6.2 and 0.7 < best < 1.3 and "mean over 20 steps" in f.message
+
+
 def test_ok_gives_suggested_threshold():
     (f,) = optaxclip.diagnose(steady())
     assert f.code == "ok" and f.severity == "info"
