@@ -102,6 +102,8 @@ def markdown(meta: dict, update_rows, dp_rows, checks, reported) -> str:
                 f"| {r['hidden']} | {r['batch']} | {r['params']:,} | {r['variant']} | {r['median_ms']:.1f} "
                 f"| {r['vs_nonprivate']:.2f} | {r['vs_jax_privacy']:.3f} | {r['temp_MiB']:.1f} |"
             )
+    if meta["skipped"]:
+        out += ["", f"Skipped (past the time budget): {'; '.join(meta['skipped'])}."]
     n_pass = sum(ok for ok, _ in checks)
     out += ["", f"Targets ({n_pass} PASS / {len(checks) - n_pass} MISS):", "", "```"]
     out += [("PASS: " if ok else "MISS: ") + line for ok, line in checks]
