@@ -42,7 +42,11 @@ def clip_by_global_norm(
       through unscaled (never made finite), and `nonfinite_count`
       increments. Wrap the whole chain in `optax.apply_if_finite` to skip
       such steps. Inside `optax.MultiSteps` the clip applies to the
-      accumulated (mean) gradient.
+      accumulated (mean) gradient. The factor is applied in float32 and
+      the result rounded to the leaf's dtype, so in float16/bfloat16 the
+      clipped norm can exceed `max_norm` by about one unit in the last place
+      of that dtype (relative 1e-3 / 8e-3). Integer and `float0` leaves pass
+      through untouched and are left out of the norm.
 
     Example:
       >>> import jax.numpy as jnp, optax, optaxclip

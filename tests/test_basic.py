@@ -203,6 +203,50 @@ class ClipByValueTest(chex.TestCase):
             optaxclip.clip_by_value(float("nan"))
 
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("tree", "tree"), ("callable", "callable"))
+    def test_per_layer_bounds_match_reference(self, kind):
+        # The long-sequence recipe: output layer in [-100, 100], recurrent layers in [-10, 10].
+        rng = np.random.default_rng(5)
+        grads = {
+            "head": jnp.asarray(rng.normal(size=(4, 3)) * 80, jnp.float32),
+            "rnn": {"kernel": jnp.asarray(rng.normal(size=(3, 3)) * 20, jnp.bfloat16)},
+        }
+        bounds = {"head": 100.0, "rnn": {"kernel": 10.0}}
+        if kind == "tree":
+            tx = optaxclip.clip_by_value(bounds)
+        else:
+            tx = optaxclip.clip_by_value(lambda path, leaf: 100.0 if path[0].key == "head" else 10.0)
+        out, state = self.variant(strict(tx.update))(grads, tx.init(grads))
+        expected = jax.tree.map(lambda g, b: np.clip(np.asarray(g, np.float64), -b, b), grads, bounds)
+        assert_close_to_reference(out, expected)
+        np.testing.assert_allclose(float(state.pre_clip_norm), ref.global_norm(grads), rtol=1e-5)
+        np.testing.assert_allclose(float(state.post_clip_norm), ref.global_norm(expected), rtol=1e-2)
+        self.assertEqual(float(state.threshold), 100.0)
+        self.assertTrue(bool(state.clipped))
+
+    def test_per_layer_asymmetric_bounds(self):
+        g = {"a": jnp.array([-5.0, 5.0]), "b": jnp.array([-5.0, 5.0])}
+        tx = optaxclip.clip_by_value({"a": 1.0, "b": 4.0}, min_value={"a": 0.0, "b": -2.0})
+        out, _ = tx.update(g, tx.init(g))
+        np.testing.assert_array_equal(np.asarray(out["a"]), [0.0, 1.0])
+        np.testing.assert_array_equal(np.asarray(out["b"]), [-2.0, 4.0])
+
+    def test_per_layer_bad_bounds_raise(self):
+        g = {"a": jnp.ones(2), "b": jnp.ones(2)}
+        with pytest.raises(ValueError, match=r"clip_by_value: `max_value\['b'\]` must be > 0.*=-1"):
+            optaxclip.clip_by_value({"a": 1.0, "b": -1.0})
+        tx = optaxclip.clip_by_value({"a": 1.0})
+        with pytest.raises(ValueError, match=r"clip_by_value: `max_value` must be .*structure"):
+            tx.update(g, tx.init(g))
+        tx = optaxclip.clip_by_value(lambda path, leaf: float("inf"))
+        with pytest.raises(ValueError, match=r"`max_value\['a'\]` must be a finite.*=inf"):
+            tx.update(g, tx.init(g))
+        tx = optaxclip.clip_by_value({"a": 1.0, "b": 1.0}, min_value={"a": 0.0, "b": 2.0})
+        with pytest.raises(ValueError, match=r"`min_value` must be <= `max_value`.*min_value=2.0"):
+            tx.update(g, tx.init(g))
+
+
 # --- behaviour every fixed transform shares -------------------------------------------
 
 TRANSFORMS = {
@@ -316,3 +360,47 @@ def test_in_chain_multisteps_and_vmap(name):
         oi, si = clip.update(gi, clip.init(params), params)
         chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], ob), oi, rtol=1e-6)
         np.testing.assert_allclose(float(sb.pre_clip_norm[i]), float(si.pre_clip_norm), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([1.0, 2.0], r"must be a scalar, got \w+=\[1.0, 2.0\]"),
+        (jnp.array([1.0]), r"must be a scalar, got \w+=an array of shape \(1,\)"),
+        (jnp.array(-1.0), r"must be > 0, got \w+=-1.0"),
+        (jnp.array(jnp.nan), r"must be (> 0|a finite number), got \w+=nan"),
+    ],
+)
+def test_vector_and_concrete_array_thresholds_raise(name, bad, match):
+    factory, arg = TRANSFORMS[name]
+    if name in ("leaf", "value") and isinstance(bad, list):
+        pytest.skip("a list is a per-leaf pytree of bounds here (checked against the updates)")
+    with pytest.raises(ValueError, match=rf"{factory.__name__}: `{arg}.*" + match):
+        factory(bad)
+
+
+def test_list_bound_must_match_the_updates():
+    g = {"w": jnp.ones((2, 2))}
+    for factory in (optaxclip.clip_by_value, optaxclip.clip_by_leaf_norm):
+        tx = factory([0.5, 1.0])
+        with pytest.raises(ValueError, match=rf"{factory.__name__}: `\w+` must be .*structure"):
+            tx.update(g, tx.init(g))
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+@pytest.mark.parametrize("jit", [False, True])
+def test_integer_and_float0_leaves_pass_through_untouched(name, jit):
+    # A step counter in the params pytree, and jax.grad(..., allow_int=True)'s float0.
+    factory, arg = TRANSFORMS[name]
+    tx = factory(**{arg: 0.01})
+    params = {"w": jnp.array([3.0, 4.0]), "step": jnp.array(7, jnp.int32)}
+    grads = jax.grad(lambda p: jnp.sum(p["w"] * 100.0), allow_int=True)(params)
+    grads = {**grads, "count": jnp.array(7, jnp.int32)}
+    params = {**params, "count": jnp.array(7, jnp.int32)}
+    update = jax.jit(_update, static_argnums=0) if jit else _update
+    out, state = update(tx, grads, tx.init(params), params)
+    assert out["step"].dtype == jax.dtypes.float0
+    assert int(out["count"]) == 7 and out["count"].dtype == jnp.int32
+    np.testing.assert_allclose(float(optaxclip.stats(state).pre_clip_norm), 100.0 * np.sqrt(2), rtol=1e-6)
+    assert bool(optaxclip.stats(state).clipped)

@@ -141,6 +141,34 @@ class DPAggregateTest(chex.TestCase):
             with pytest.raises(ValueError, match=rf"dp_aggregate: `{name}`.*{name}="):
                 optaxclip.dp_aggregate(*args, **kwargs)
 
+    @parameterized.named_parameters(("aggregate", "dp_aggregate"), ("adaptive", "dp_adaptive_aggregate"))
+    def test_infinite_clip_norm_and_int_key_refused_at_construction(self, name):
+        make = getattr(optaxclip, name)
+        kwargs = {"expected_batch_size": 64} if name == "dp_adaptive_aggregate" else {}
+        arg = "initial_l2_norm_clip" if name == "dp_adaptive_aggregate" else "l2_norm_clip"
+        with pytest.raises(ValueError, match=rf"{name}: `{arg}` must be a finite number, got {arg}=inf"):
+            make(jnp.inf, 0.0, jax.random.key(0), **kwargs)
+        with pytest.raises(ValueError, match=rf"{name}: `{arg}` must be a scalar"):
+            make(jnp.array([1.0, 2.0]), 0.0, jax.random.key(0), **kwargs)
+        with pytest.raises(TypeError, match=rf"{name}: `key` must be a PRNG key.*got key=0"):
+            make(1.0, 1.0, 0, **kwargs)
+        with pytest.raises(TypeError, match=rf"{name}: `key` must be a PRNG key.*dtype int32"):
+            make(1.0, 1.0, jnp.array([0, 1]), **kwargs)
+        make(1.0, 1.0, jax.random.PRNGKey(0), **kwargs)  # a legacy key is accepted
+
+    def test_gradients_without_a_batch_axis_raise(self):
+        tx = optaxclip.dp_aggregate(1.0, 0.0, jax.random.key(0))
+        params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+        # Plain gradients passed with params: shapes (2, 2) and (2,) are not (batch, *shape).
+        with pytest.raises(ValueError, match=r"dp_aggregate: `updates` must be per-example .*batch, \*param"):
+            tx.update(params, tx.init(params), params)
+        # Leaves with different leading sizes.
+        bad = {"w": jnp.ones((3, 2, 2)), "b": jnp.ones((4, 2))}
+        with pytest.raises(ValueError, match=r"dp_aggregate: `updates` must be per-example .*same leading"):
+            tx.update(bad, tx.init(params))
+        with pytest.raises(ValueError, match=r"same leading batch axis.*\(\)"):
+            tx.update({"s": jnp.ones(())}, tx.init(None))
+
 
 def _loss(w, x):
     return jnp.sum(jnp.tanh(x @ w) ** 2)
@@ -173,12 +201,20 @@ class DPAdaptiveAggregateTest(chex.TestCase):
 
     def test_first_step_without_noise_matches_dp_aggregate(self):
         tree = per_example_tree(8)
-        ada = optaxclip.dp_adaptive_aggregate(0.7, 0.0, jax.random.key(0), expected_batch_size=64)
+        ada = optaxclip.dp_adaptive_aggregate(
+            0.7, 0.0, jax.random.key(0), expected_batch_size=64, clipped_count_stddev=1e-6
+        )
         fixed = optaxclip.dp_aggregate(0.7, 0.0, jax.random.key(0), expected_batch_size=64)
         a, state = jax.jit(ada.update)(tree, ada.init(None))
         b, _ = fixed.update(tree, fixed.init(None))
         chex.assert_trees_all_close(a, b, rtol=1e-6)
-        assert float(state.stats.threshold) == pytest.approx(0.7) and float(state.l2_norm_clip) != 0.7
+        assert float(state.stats.threshold) == pytest.approx(0.7)
+        # Noise-free count: the unclipped fraction b = sum(1[n_i <= C] - 1/2) / 64 + 1/2 over
+        # the 8 examples, then C * exp(-0.2 * (b - 0.5)) (Andrew et al. 2021).
+        norms = np.sqrt(sum(np.sum(np.asarray(x, np.float64).reshape(8, -1) ** 2, 1) for x in jax.tree.leaves(tree)))
+        b = np.sum(np.where(norms <= 0.7, 0.5, -0.5)) / 64 + 0.5
+        np.testing.assert_allclose(float(state.noised_unclipped_fraction), b, rtol=1e-6)
+        np.testing.assert_allclose(float(state.l2_norm_clip), 0.7 * np.exp(-0.2 * (b - 0.5)), rtol=1e-6)
 
     def test_gradient_noise_is_raised_by_theorem_1(self):
         # Batch 16: count std 0.8, so z = 1.2 becomes z_grad = (1.2**-2 - 1.6**-2)**-0.5 = 1.814.
