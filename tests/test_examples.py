@@ -81,6 +81,61 @@ def test_demo_default_task_spikes_unclipped_and_trains_clipped():
     )
 
 
+def read_tensorboard_scalars(folder):
+    """`{tag: [(step, value)]}` from the TFRecord event files in `folder`, parsed by hand."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(pathlib.Path(folder).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_demo_tensorboard_event_files_hold_the_metrics(tmp_path):
+    """`--tensorboard DIR`: one run folder per config; every `optaxclip.metrics` key per step."""
+    pytest.importorskip("tensorboardX")
+    demo = load("lstm_exploding")
+    tb = tmp_path / "tb"
+    argv = ["--steps", "4", "--hidden", "8", "--seq-len", "8", "--batch", "4", "--lr-warmup", "2"]
+    argv += ["--configs", "adagc,layer_value", "--out", str(tmp_path / "demo"), "--no-progress"]
+    runs = demo.main(argv + ["--tensorboard", str(tb)])
+    adagc = read_tensorboard_scalars(tb / "adagc")
+    tags = ("loss", "clip/pre_clip_norm", "clip/threshold", "clip/clip_count", "clip/clipped_tensor_count")
+    for tag in tags:
+        assert [s for s, _ in adagc[tag]] == [0, 1, 2, 3], tag
+    logged = [v for _, v in adagc["clip/pre_clip_norm"]]
+    expected = [r["pre_clip_norm"] for r in runs[0]["rows"]]
+    assert logged == pytest.approx(expected, rel=1e-6)
+    assert [v for _, v in adagc["loss"]] == pytest.approx([r["loss"] for r in runs[0]["rows"]], rel=1e-6)
+    layer = read_tensorboard_scalars(tb / "layer_value")
+    assert [v for _, v in layer["clip/threshold"]] == pytest.approx([0.1] * 4)  # the head's bound
+    assert runs[1]["clip_rate"] > 0  # the per-layer bounds fire on this tiny model too
+
+
+def test_demo_layer_value_bounds():
+    import jax
+    from flax import nnx
+
+    demo = load("lstm_exploding")
+    params = nnx.split(demo.CharLSTM(8, rngs=nnx.Rngs(0)), nnx.Param, ...)[1]
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    bounds = {}
+    for path, leaf in leaves:
+        bounds.setdefault(path[0].key, set()).add(demo.layer_value_bound(path, leaf))
+    assert bounds == {"embed": {0.01}, "rnn": {0.01}, "head": {0.1}}
+    recipe = {path[0].key: demo.layer_value_bound(path, leaf, scale=1.0) for path, leaf in leaves}
+    assert recipe == {"embed": 10.0, "rnn": 10.0, "head": 100.0}  # the recipe's own numbers
+
+
 def test_demo_rejects_unknown_config():
     demo = load("lstm_exploding")
     with pytest.raises(SystemExit):
