@@ -179,3 +179,17 @@ def test_baselines_have_no_conditional(baselines, dp):
     lowered, text, _ = baselines[dp]
     assert not _CONDITIONAL.search(lowered + text)
     assert not _HOST.search(lowered + text)
+
+
+def test_detectors_catch_a_cond_and_a_callback():
+    """The patterns above do find a `lax.cond` and a host callback when there is one."""
+
+    def step(x):
+        y = jax.lax.cond(jnp.sum(x) > 0, jnp.sin, jnp.cos, x)
+        jax.debug.callback(lambda v: None, y[0])
+        return y
+
+    lowered = jax.jit(step).lower(jnp.ones(8, F32))
+    text = lowered.as_text() + lowered.compile().as_text()
+    assert _CONDITIONAL.search(lowered.compile().as_text())
+    assert _HOST.search(text)
