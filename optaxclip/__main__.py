@@ -4,7 +4,8 @@ Reads a CSV with a column of gradient norms (`pre_clip_norm`, `norm`,
 `grad_norm` or `global_norm`; optional `threshold`, `loss`, `clipped`, and a
 `config` column to diagnose several runs of one file separately), prints
 what `optaxclip.diagnose` finds, and optionally plots the norm history with
-the suggested threshold.
+the suggested threshold, the CSV's `threshold` column (each step's, so an
+adaptive threshold shows how it moved) and the clipped steps.
 """
 
 from __future__ import annotations
@@ -55,7 +56,20 @@ def _read(path: pathlib.Path, column: str | None) -> tuple[str, dict[str, dict[s
     return norm_col, runs
 
 
-def _plot(runs, norm_col: str, out: pathlib.Path) -> None:
+def _clipped_steps(cols, norm_col: str) -> list[int]:
+    """Steps that clipped: the `clipped` column, else norm > `threshold` (as `diagnose` counts them)."""
+    norms = cols[norm_col]
+    if "clipped" in cols:
+        return [i for i, c in enumerate(cols["clipped"]) if c > 0]
+    if "threshold" in cols:
+        return [i for i, (n, t) in enumerate(zip(norms, cols["threshold"], strict=True)) if n > t]
+    return []
+
+
+def _figure(runs, norm_col: str):
+    """The plot of each run: norms, spikes, the suggested threshold, and, when the CSV has them, the
+    threshold column (each step's threshold, so an adaptive one shows how it moved) and the clipped
+    steps."""
     try:
         import matplotlib
 
@@ -67,9 +81,34 @@ def _plot(runs, norm_col: str, out: pathlib.Path) -> None:
     for i, (name, cols) in enumerate(runs.items()):
         norms = cols[norm_col]
         color = f"C{i}"
-        ax.plot(range(len(norms)), norms, color=color, lw=1, label=name or norm_col)
+        label = name or norm_col
+        ax.plot(range(len(norms)), norms, color=color, lw=1, label=label)
         spikes = spike_steps(norms)
         ax.plot(spikes, [norms[s] for s in spikes], "x", color=color, ms=6)
+        thresholds = cols.get("threshold")
+        if thresholds is not None and any(math.isfinite(t) for t in thresholds):
+            # Non-finite entries (no clipping that step) leave gaps.
+            shown = [t if math.isfinite(t) else math.nan for t in thresholds]
+            ax.plot(
+                range(len(shown)),
+                shown,
+                color=color,
+                ls="-.",
+                lw=1.2,
+                drawstyle="steps-post",
+                label=f"{label}: threshold",
+            )
+        clipped = _clipped_steps(cols, norm_col)
+        if clipped:
+            ax.plot(
+                clipped,
+                [norms[s] for s in clipped],
+                "o",
+                mfc="none",
+                color=color,
+                ms=4,
+                label=f"{label}: clipped ({len(clipped)} of {len(norms)} steps)",
+            )
         try:
             thr = suggest_threshold(norms)
             ax.axhline(thr, color=color, ls="--", lw=1, label=f"suggested threshold {thr:.3g}")
@@ -77,10 +116,17 @@ def _plot(runs, norm_col: str, out: pathlib.Path) -> None:
             pass
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"{norm_col} (x: spikes)")
+    ax.set_ylabel(f"{norm_col} (x: spikes, o: clipped)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
+    return fig
+
+
+def _plot(runs, norm_col: str, out: pathlib.Path) -> None:
+    fig = _figure(runs, norm_col)
     fig.savefig(out, dpi=110)
+    import matplotlib.pyplot as plt
+
     plt.close(fig)
 
 
@@ -90,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("diagnose", help="say what a CSV of gradient norms means")
     d.add_argument("csv", type=pathlib.Path, help="a CSV file with a column of norms")
     d.add_argument("--column", help=f"the norm column (default: first of {list(NORM_COLUMNS)})")
-    d.add_argument("--plot", type=pathlib.Path, help="write a PNG of the norm history here")
+    d.add_argument(
+        "--plot",
+        type=pathlib.Path,
+        help="write a PNG of the norm history (with the thresholds and clipped steps) here",
+    )
     args = ap.parse_args(argv)
     try:
         norm_col, runs = _read(args.csv, args.column)

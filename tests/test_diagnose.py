@@ -135,6 +135,53 @@ def test_cli_diagnoses_each_config_and_plots(tmp_path, capsys):
     assert png.stat().st_size > 10_000
 
 
+def _captured_figure(monkeypatch, argv):
+    """Runs the command line; returns the lines of the figure it saved, by label."""
+    figure = pytest.importorskip("matplotlib.figure")
+    saved, save = [], figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        saved.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(figure.Figure, "savefig", savefig)
+    assert cli(argv) == 0
+    (fig,) = saved
+    return {line.get_label(): line for line in fig.axes[0].get_lines()}
+
+
+def test_cli_plot_draws_the_threshold_column_and_clipped_steps(tmp_path, monkeypatch):
+    norms = steady(120)
+    rows = [("fixed", i, n, 1.0, int(n > 1.0)) for i, n in enumerate(norms)]
+    rows += [("none", i, n, np.inf, 0) for i, n in enumerate(norms)]
+    path = write_csv(tmp_path / "m.csv", ["config", "step", "pre_clip_norm", "threshold", "clipped"], rows)
+    lines = _captured_figure(monkeypatch, ["diagnose", str(path), "--plot", str(tmp_path / "p.png")])
+    np.testing.assert_array_equal(lines["fixed: threshold"].get_ydata(), np.ones(120))
+    hits = np.flatnonzero(norms > 1.0)
+    (clipped,) = [v for k, v in lines.items() if k.startswith("fixed: clipped")]
+    np.testing.assert_array_equal(clipped.get_xdata(), hits)
+    np.testing.assert_allclose(clipped.get_ydata(), norms[hits])
+    assert f"({hits.size} of 120 steps)" in clipped.get_label()
+    # The unclipped run: no threshold to draw, no clipped step.
+    assert not any(k.startswith("none: ") for k in lines)
+
+
+def test_cli_plot_shows_how_an_adaptive_threshold_moved(tmp_path, monkeypatch):
+    norms = steady(60)
+    thresholds = np.r_[np.full(10, np.inf), np.linspace(1.2, 0.9, 50)]  # warm-up: no threshold yet
+    path = write_csv(
+        tmp_path / "a.csv", ["grad_norm", "threshold"], list(zip(norms, thresholds, strict=True))
+    )
+    lines = _captured_figure(monkeypatch, ["diagnose", str(path), "--plot", str(tmp_path / "a.png")])
+    drawn = lines["grad_norm: threshold"].get_ydata()
+    assert np.all(np.isnan(drawn[:10])) and lines["grad_norm: threshold"].get_drawstyle() == "steps-post"
+    np.testing.assert_allclose(drawn[10:], thresholds[10:])
+    (clipped,) = [
+        v for k, v in lines.items() if k.startswith("grad_norm: clipped")
+    ]  # no column: norm > threshold
+    np.testing.assert_array_equal(clipped.get_xdata(), np.flatnonzero(norms > thresholds))
+
+
 def test_cli_any_norm_column_and_explicit_column(tmp_path, capsys):
     path = write_csv(tmp_path / "g.csv", ["grad_norm", "other"], [(x, 1) for x in steady(30)])
     assert cli(["diagnose", str(path)]) == 0
