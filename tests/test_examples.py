@@ -170,3 +170,16 @@ def test_dp_example_reports_epsilon_next_to_a_non_private_run(capsys, adaptive):
     )
     assert runs[1]["epsilon"] == pytest.approx(expected, rel=1e-2) and runs[1]["epsilon"] <= 4.0 + 1e-6
     assert f"epsilon = {runs[1]['epsilon']:.3f}" in text
+
+
+def test_nnx_optimizer_example_logs_each_steps_own_metrics(capsys):
+    rows = load("nnx_optimizer").main(["--steps", "30", "--bad-step", "20", "--hidden", "8", "--every", "10"])
+    text = capsys.readouterr().out
+    assert len(rows) == 30 and "quantile_estimate" in rows[0] and "history_index" not in rows[0]
+    # Each row is its own step's metrics (not the last step's, as live NNX references would be).
+    assert [int(r["step_count"]) for r in rows] == list(range(1, 31))
+    assert len({r["pre_clip_norm"] for r in rows}) == 30
+    bad = rows[20]
+    assert bad["clipped"] == 1.0 and bad["pre_clip_norm"] > 100 * bad["threshold"]
+    assert int(rows[-1]["clip_count"]) >= 1 and math.isfinite(rows[-1]["loss"])
+    assert "quantile_estimate" in text and "was clipped to" in text
