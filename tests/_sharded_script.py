@@ -1,5 +1,7 @@
 """Run by test_sharding.py in a subprocess with 8 host CPU devices."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,4 +101,51 @@ for a, b in zip(jax.tree.leaves(out8), jax.tree.leaves(out1), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 np.testing.assert_allclose(float(clip8), float(state1.l2_norm_clip), rtol=1e-6)
 print("dp_adaptive 8 devices == 1 device, next clip", float(clip8))
+# 4. The whole DP pipeline as users write it: replicated params P(), examples sharded,
+# clipped_grad_sum -> dp_aggregate(axis_name) inside shard_map; the whole state comes
+# back replicated (out_specs=P()) and equals one device's: updates and every stat.
+w0 = {"w": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
+xs = jnp.asarray(rng.standard_normal((16, 3)) * 4, jnp.float32)
+xs_bad = xs.at[5].set(jnp.nan)  # one non-finite example: dropped and counted on every device
+example_loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+sums = optaxclip.clipped_grad_sum(example_loss)
+for (name, make), data in itertools.product(
+    [
+        ("dp_aggregate", lambda **kw: optaxclip.dp_aggregate(1.0, 1.1, jax.random.key(5), **kw)),
+        (
+            "dp_adaptive_aggregate",
+            lambda **kw: optaxclip.dp_adaptive_aggregate(
+                0.9, 1.1, jax.random.key(5), expected_batch_size=16, **kw
+            ),
+        ),
+    ],
+    [xs, xs_bad],
+):
+    tx8, tx1 = make(axis_name="x"), make()
+
+    def pipeline(p, x, m, tx=tx8):
+        state = tx.init(p)
+        clip = getattr(state, "l2_norm_clip", 1.0)
+        out, state = tx.update(sums(p, x, l2_norm_clip=clip, mask=m), state, p)
+        return out, state
+
+    fn = jax.jit(jax.shard_map(pipeline, mesh=mesh, in_specs=(P(), P("x"), P("x")), out_specs=(P(), P())))
+    m = jnp.asarray(np.arange(16) % 7 != 3)
+    out8, st8 = fn(w0, shard(data), jax.device_put(m, NamedSharding(mesh, P("x"))))
+    st1 = tx1.init(w0)
+    out1, st1 = tx1.update(sums(w0, data, l2_norm_clip=getattr(st1, "l2_norm_clip", 1.0), mask=m), st1, w0)
+    for a, b in zip(jax.tree.leaves(out8), jax.tree.leaves(out1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    m8, m1 = optaxclip.metrics(st8), optaxclip.metrics(st1)
+    assert m8.keys() == m1.keys(), (m8.keys(), m1.keys())
+    for k in m1:
+        np.testing.assert_allclose(
+            np.asarray(m8[k], np.float64), np.asarray(m1[k], np.float64), rtol=1e-5, err_msg=k
+        )
+    bad = data is xs_bad
+    assert (
+        int(m1["nonprivate/nonfinite_example_count"]) == bad and int(m1["nonprivate/nonfinite_count"]) == bad
+    )
+    assert bad or np.isfinite(float(m8["nonprivate/pre_clip_norm"]))
+    print(name, "pipeline 8 devices == 1 device, pre-clip norm", float(m8["nonprivate/pre_clip_norm"]))
 print("SHARDING OK")

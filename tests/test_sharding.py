@@ -13,5 +13,7 @@ def test_sharded_norms_and_updates_match_unsharded():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SHARDING OK" in proc.stdout
     assert "dp 8 devices == 1 device" in proc.stdout
+    for name in ("dp_aggregate", "dp_adaptive_aggregate"):
+        assert f"{name} pipeline 8 devices == 1 device" in proc.stdout
     for name in ("global", "leaf", "value", "agc", "adaptive", "zscore"):
         assert f"{name} sharded == unsharded" in proc.stdout
