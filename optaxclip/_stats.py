@@ -241,7 +241,7 @@ def stats(opt_state: Any) -> ClipStats | dict[str, ClipStats]:
             f"stats: `opt_state` holds no ClipStats (got a {type(opt_state).__name__}); "
             "is an optaxclip transform in the chain?"
         )
-    found = _detach(found)
+    found = dict(zip(found, _detach(list(found.values())), strict=True))
     if len(found) == 1:
         return next(iter(found.values()))
     return found
@@ -324,4 +324,4 @@ def metrics(opt_state: Any, *, private_only: bool = False) -> dict[str, jax.Arra
     for path, field, value in wrapper_items:
         taken = names.count(field) > 1 or field in clip_keys
         out[f"{path}/{field}" if taken and path else field] = value
-    return _detach(out)
+    return dict(zip(out, _detach(list(out.values())), strict=True))  # a dict's flatten would sort keys
