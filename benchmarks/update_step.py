@@ -79,8 +79,9 @@ def fused_clip_adam(max_norm=1.0, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(g)))
         s = jnp.minimum(1.0, max_norm / norm)
         count = count + 1
-        mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * (x * s), mu, g)
-        nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * jnp.square(x * s), nu, g)
+        # The moments keep the params' dtype (as optax.adam's do), the scaled gradient float32.
+        mu = jax.tree.map(lambda m, x: (b1 * m + (1 - b1) * (x * s)).astype(m.dtype), mu, g)
+        nu = jax.tree.map(lambda v, x: (b2 * v + (1 - b2) * jnp.square(x * s)).astype(v.dtype), nu, g)
         c1, c2 = 1 - b1**count, 1 - b2**count
         upd = jax.tree.map(lambda m, v: -lr * (m / c1) / (jnp.sqrt(v / c2) + eps), mu, nu)
         return upd, (count, mu, nu)
