@@ -8,6 +8,9 @@ import optax
 import pytest
 from absl.testing import parameterized
 from conftest import assert_close_to_reference, mixed_tree, strict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import optaxclip
 
@@ -271,3 +274,43 @@ def test_metrics_and_nnx_optimizer():
     assert int(m["step_count"]) == 3 and int(m["finite_norm_count"]) == 3
     assert int(m["clipped_tensor_count"]) == 2  # kernel and bias, both spiked
     assert isinstance(m["pre_clip_norm"], jax.Array) and bool(m["clipped"])
+
+
+@given(
+    history=hnp.arrays(
+        np.float32, (4, 2, 3), elements=st.floats(-10.0, 10.0, width=32, allow_subnormal=False)
+    ),
+    spike=st.floats(1e-3, 1e6),
+    clipping=st.floats(0.5, 2.0),
+)
+@settings(max_examples=20, deadline=None)
+def test_invariants_after_warmup(history, spike, clipping):
+    """Each tensor's norm <= clipping * its EMA, direction kept, a zero tensor stays zero."""
+    tx = optaxclip.adagc_clip(clipping=clipping, warmup_steps=2, max_norm=1e3)
+    state = tx.init({"a": jnp.zeros(3), "b": jnp.zeros(3)})
+    update = jax.jit(tx.update)
+    for step in history[:3]:
+        _, state = update({"a": jnp.asarray(step[0]), "b": jnp.asarray(step[1])}, state)
+    g = {"a": jnp.asarray(history[3, 0]) * spike, "b": jnp.asarray(history[3, 1])}
+    gamma = np.asarray(state.norm_ema, np.float64)
+    out, _ = update(g, state)
+    for i, name in enumerate(("a", "b")):
+        x, y = np.asarray(g[name], np.float64), np.asarray(out[name], np.float64)
+        nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+        if np.isfinite(gamma[i]):
+            assert ny <= clipping * gamma[i] * (1 + 1e-5) + 1e-30
+        if nx == 0:
+            assert ny == 0
+        elif ny > 0:
+            assert np.dot(x, y) / (nx * ny) > 1 - 1e-5  # direction kept
+
+
+def test_masked_clips_only_the_selected_leaves():
+    tx = optax.masked(optaxclip.adagc_clip(warmup_steps=0), {"a": True, "b": False})
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+    state = tx.init(params)
+    _, state = tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state)
+    out, state = tx.update({"a": jnp.full(2, 100.0), "b": jnp.full(2, 100.0)}, state)
+    np.testing.assert_allclose(optax.tree.norm(out["a"]), 1.05 * np.sqrt(2), rtol=1e-6)
+    np.testing.assert_allclose(out["b"], [100.0, 100.0])
+    assert optaxclip.stats(state).step_count == 2
