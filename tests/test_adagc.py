@@ -314,3 +314,27 @@ def test_masked_clips_only_the_selected_leaves():
     np.testing.assert_allclose(optax.tree.norm(out["a"]), 1.05 * np.sqrt(2), rtol=1e-6)
     np.testing.assert_allclose(out["b"], [100.0, 100.0])
     assert optaxclip.stats(state).step_count == 2
+
+
+def test_axis_name_inside_shard_map_matches_the_unsharded_clip():
+    """With `axis_name` the per-tensor norms are psummed over the mesh axis (one host device here;
+    tests/test_sharding.py runs the multi-device norm paths)."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("x",))
+    steps = spiky_steps(5, spike_at={4})
+    sharded = optaxclip.adagc_clip(warmup_steps=2, axis_name="x")
+    plain = optaxclip.adagc_clip(warmup_steps=2)
+
+    def run(tx, steps):
+        state = tx.init(steps[0])
+        for g in steps:
+            out, state = tx.update(g, state)
+        return out, state.norm_ema
+
+    f32 = [jax.tree.map(lambda x: x.astype(jnp.float32), g) for g in steps]
+    fn = jax.jit(jax.shard_map(lambda *gs: run(sharded, gs), mesh=mesh, in_specs=P(), out_specs=(P(), P())))
+    out, ema = fn(*f32)
+    ref_out, ref_ema = run(plain, f32)
+    chex.assert_trees_all_close(out, ref_out, rtol=1e-6)
+    np.testing.assert_allclose(ema, ref_ema, rtol=1e-6)
