@@ -140,19 +140,27 @@ def _unwrap_variables(opt_state: Any) -> Any:
     return jax.tree.map(lambda x: read(x) if is_var(x) else x, opt_state, is_leaf=is_var)
 
 
-def _detach(tree: Any) -> Any:
+# One compiled copy for all the values: a single dispatch with fresh output buffers
+# (measured on 2 busy CPU cores: 0.14 ms for 9 scalars, against 1.1 ms for device_put(may_alias=False)).
+_copy = jax.jit(lambda xs: [jnp.copy(x) for x in xs])
+
+
+def _detach(values: list[Any]) -> list[Any]:
     """Concrete arrays copied into fresh buffers (tracers as they are).
 
     A donated or NNX-updated state must not reach back into what was logged.
-    One `device_put` for all of them: a single dispatch, not one per field.
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    where = [i for i, x in enumerate(leaves) if _is_array(x) and not isinstance(x, jax.core.Tracer)]
+    values = list(values)
+    where = [i for i, x in enumerate(values) if _is_array(x) and not isinstance(x, jax.core.Tracer)]
     if where:
-        copies = jax.device_put([jnp.asarray(leaves[i]) for i in where], may_alias=False)
+        arrays = [values[i] if isinstance(values[i], jax.Array) else jnp.asarray(values[i]) for i in where]
+        try:
+            copies = _copy(arrays)
+        except ValueError:  # arrays on different devices: copy each where it is
+            copies = jax.device_put(arrays, may_alias=False)
         for i, c in zip(where, copies, strict=True):
-            leaves[i] = c
-    return jax.tree.unflatten(treedef, leaves)
+            values[i] = c
+    return values
 
 
 class _Group(NamedTuple):
@@ -241,7 +249,8 @@ def stats(opt_state: Any) -> ClipStats | dict[str, ClipStats]:
             f"stats: `opt_state` holds no ClipStats (got a {type(opt_state).__name__}); "
             "is an optaxclip transform in the chain?"
         )
-    found = dict(zip(found, _detach(list(found.values())), strict=True))
+    leaves, treedef = jax.tree.flatten(list(found.values()))
+    found = dict(zip(found, jax.tree.unflatten(treedef, _detach(leaves)), strict=True))
     if len(found) == 1:
         return next(iter(found.values()))
     return found
