@@ -31,10 +31,10 @@ compare: $(VENV)/.installed-dev
 # over 4), and the DP step against jax_privacy; prints each target PASS/MISS and writes
 # benchmarks/results/bench{,-quick}.{json,md} and a scaling plot (see benchmarks/README.md).
 bench: $(VENV)/.installed-dev,examples,dp
-	$(PY) -m benchmarks.run
+	$(PY) benchmarks/run.py
 
 bench-quick: $(VENV)/.installed-dev,examples,dp
-	$(PY) -m benchmarks.run --quick
+	$(PY) benchmarks/run.py --quick
 
 format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format .

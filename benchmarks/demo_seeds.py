@@ -9,22 +9,27 @@ stays finite and its final loss is below `--trained-below`, and as spiked
 when it goes non-finite or its loss rises more than `--spike-rise` nats
 above its best so far.
 
-Run from the repository root: `python -m benchmarks.demo_seeds [--seeds 0,1,2,3,4,5,6]
-[demo flags...]` (about 7 s per run on 2 CPU cores at the default sizes).
+Run: `python benchmarks/demo_seeds.py [--seeds 0,1,2,3,4,5,6] [demo flags...]`
+ (about 7 s per run on 2 CPU cores at the default sizes).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import time
 
 import numpy as np
 
-from examples import lstm_exploding as demo
-
 HERE = pathlib.Path(__file__).resolve().parent
+# The demo is a script, not a package: loaded from its file (the import path stays as it is).
+_spec = importlib.util.spec_from_file_location(
+    "lstm_exploding", HERE.parent / "examples" / "lstm_exploding.py"
+)
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
 
 
 def main(argv=None) -> dict:

@@ -6,7 +6,7 @@
 # part whose imports are missing is skipped and says so. Not run by
 # `make test`. From the repository root:
 #
-#   bash benchmarks/gpu.sh [OUT_DIR] [extra benchmarks.run flags...]
+#   bash benchmarks/gpu.sh [OUT_DIR] [extra benchmarks/run.py flags...]
 #
 # OUT_DIR (default benchmarks/results/gpu) gets:
 #   update.{json,md}   the update-step targets at GPU sizes (up to 1e8 parameters), one state and vmapped
@@ -58,8 +58,7 @@ have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
 # 1. optaxclip itself, without dependencies and without build isolation (no network). If pip cannot
 #    build it (pyproject.toml's license string needs setuptools >= 77), a .pth file in site-packages
-#    points at this checkout instead (the same effect as an editable install). The benchmarks run
-#    from the repository root, so they import ./optaxclip either way.
+#    points at this checkout instead (the same effect as an editable install).
 run install 60 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 if ! (cd / && "$PY" -c "import optaxclip") >/dev/null 2>&1; then
     "$PY" - "$PWD" <<'EOF' | tee -a "$OUT/install.log"
@@ -88,14 +87,14 @@ fi
 # 2. The update step at GPU sizes (plan `gpu` in benchmarks/run.py). run.py writes its files after
 #    every part and starts no part after --budget-s, so a slow machine still leaves results.
 if have optax; then
-    run update 250 "$PY" -m benchmarks.run --plan gpu --out "$OUT" --name update --budget-s 180 "$@" --dp=
+    run update 250 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name update --budget-s 180 "$@" --dp=
 else
     printf 'update\tskipped (optax missing)\t0\n' >>"$status_file"
 fi
 
 # 3. The DP step (needs flax and jax_privacy).
 if have flax && have jax_privacy; then
-    run dp 120 "$PY" -m benchmarks.run --plan gpu --out "$OUT" --name dp --budget-s 60 "$@" \
+    run dp 120 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name dp --budget-s 60 "$@" \
         --sizes= --bf16-sizes= --vmap-sizes=
 else
     printf 'dp\tskipped (flax or jax_privacy missing)\t0\n' >>"$status_file"
@@ -103,7 +102,7 @@ fi
 
 # 4. The demo (needs flax, tqdm, matplotlib): unclipped vs clipped LSTM training.
 if have flax && have tqdm && have matplotlib; then
-    run demo 90 "$PY" -m examples.lstm_exploding --no-progress --out "$OUT/demo"
+    run demo 90 "$PY" examples/lstm_exploding.py --no-progress --out "$OUT/demo"
 else
     printf 'demo\tskipped (flax, tqdm or matplotlib missing)\t0\n' >>"$status_file"
 fi

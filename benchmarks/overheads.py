@@ -23,7 +23,7 @@ cost reads as a difference. The pieces are written here in plain `jnp`
   needs (`sum(min(x**2, h**2))` and `sum(max(x**2, h**2) - h**2)`), none
   clamping; against optax's `clip` and optaxclip's `clip_by_value`.
 
-Run from the repository root: `python -m benchmarks.overheads [--sizes 1.1e6] [--states 4]`
+Run: `python benchmarks/overheads.py [--sizes 1.1e6] [--states 4]`
 (about 30 s a size on 2 CPU cores); it prints a table and writes `results/overheads.md`.
 """
 
@@ -35,9 +35,9 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import optax
+import update_step  # benchmarks/ is the script's path
 
 import optaxclip
-from benchmarks import update_step
 
 HERE = pathlib.Path(__file__).resolve().parent
 F32 = jnp.float32

@@ -1,6 +1,7 @@
 """The benchmark entry point: `make bench` (full), `make bench-quick` (about 3 minutes), `benchmarks/gpu.sh`.
 
-Run from the repository root as `python -m benchmarks.run [--plan quick|full|gpu]`.
+Run as a script, `python benchmarks/run.py [--plan quick|full|gpu]` (its folder is then on the
+import path: the benchmarks import each other by module name, optaxclip as installed).
 In one process on one machine it runs:
 1. the update-step cost of every transform chained before adam, with adam
    alone, the read floors, a hand-fused clip + adam and the optax
@@ -27,8 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-
-from benchmarks import update_step
+import update_step
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         """Writes the JSON and Markdown of what has run (after every part, so a timeout keeps them)."""
         checks, reported = update_step.targets(update_rows)
         if dp_rows:
-            from benchmarks import dp_step
+            import dp_step
 
             checks += dp_step.targets(dp_rows)
         meta = {
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
             continue
         print(f"{label} ...", flush=True)
         if states is None:
-            from benchmarks import dp_step
+            import dp_step
 
             dp_rows += dp_step.bench(a, b, *plan["dp_timing"])
         else:

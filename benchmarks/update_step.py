@@ -11,8 +11,8 @@ stacked params, states and gradients), as in seed/ensemble/sweep training.
 Variants are interleaved, warmed up and repeated; medians are reported with
 ratios, and XLA's compiled temp size.
 
-Run through `python -m benchmarks.run` (`make bench`), or alone:
-`python -m benchmarks.update_step --sizes 1.1e6 [--dtype bfloat16] [--vmap 4]`.
+Run through `python benchmarks/run.py` (`make bench`), or alone:
+`python benchmarks/update_step.py --sizes 1.1e6 [--dtype bfloat16] [--vmap 4]`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import print_checks, time_donated_steps  # benchmarks/ is the script's path
 
 import optaxclip
-from benchmarks._timing import print_checks, time_donated_steps
 
 ADAM, FUSED = "adam", "fused clip+adam (hand)"
 FLOOR, FLOOR_AGC = "floor: adam + read grads", "floor: adam + read grads, params"
