@@ -163,18 +163,31 @@ def _exponent(m: jax.Array) -> jax.Array:
 
 
 def _clamp_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):
-    """Pre-clip sums, post-clip norm and whether an element left `[lo, hi]`: one read of `x`.
+    """Pre-clip sums, post-clip norm and whether an element left `[lo, hi]`, from `x` alone.
 
-    The clamped values are squared after scaling by a power of two near
-    `max(|lo|, |hi|)` (exact), so no bound can overflow or underflow the
-    post-clip sum; contributions below about 1e-19 of that bound are lost.
+    All are reductions of elementwise functions of `x`, which XLA fuses into
+    one read on GPU and TPU (no clamped copy of `x` is materialized). The
+    clamped square splits into its positive and negative parts,
+    `clip(x, lo, hi)**2 = min(max(x, lo+)**2, hi+**2) + min(max(-x, (-hi)+)**2, (-lo)+**2)`
+    (`v+ = max(v, 0)`; valid for any `lo <= hi`), squared after scaling by a
+    power of two near `max(|lo|, |hi|)` (exact), so no bound can overflow
+    or underflow the post-clip sum; contributions below about 1e-19 of that
+    bound are lost. An element left the range exactly when
+    `max(x - hi, lo - x) > 0`.
     """
-    x = x.astype(F32)
     k = _exponent(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
-    s = jnp.ldexp(jnp.ones((), F32), -k)
     pre = _norms.sumsq_pair(x, tuple(range(x.ndim)))
-    inside = jnp.sum(jnp.square(jnp.clip(x * s, lo * s, hi * s)))
-    out_of_range = jnp.any((x > hi) | (x < lo))
+    # Runtime scalars, paired with this array: XLA would rewrite `(hi * s)**2` with
+    # constants as `hi**2 * s**2` (inf * 0 for a bound near 1e30), and share one
+    # broadcast of a constant between arrays, materializing it at their size.
+    lo, hi, s, x = jax.lax.optimization_barrier((lo, hi, jnp.ldexp(jnp.ones((), F32), -k), x))
+    pos = lambda v: jnp.maximum(v, 0.0) * s  # noqa: E731
+    x = x.astype(F32)
+    x_s = x * s
+    upper = jnp.minimum(jnp.square(jnp.maximum(x_s, pos(lo))), jnp.square(pos(hi)))
+    lower = jnp.minimum(jnp.square(jnp.maximum(-x_s, pos(-hi))), jnp.square(pos(-lo)))
+    inside = jnp.sum(upper + lower)
+    out_of_range = jnp.max(jnp.maximum(x - hi, lo - x), initial=-jnp.inf) > 0
     return pre, jnp.sqrt(inside) * jnp.ldexp(jnp.ones((), F32), k), out_of_range
 
 
@@ -255,8 +268,9 @@ def clip_by_value(max_value: Bound, min_value: Bound | None = None) -> optax.Gra
             post_leaf.append(jnp.where(flag, post, pre_leaf[-1]))
             flags.append(flag)
             limits.append(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
-            x = leaves[i].astype(F32)
             # Keep +-inf (and NaN) as it is: clamping would turn an overflow into the bound.
+            lo, hi, x = jax.lax.optimization_barrier((lo, hi, leaves[i]))  # as in _clamp_stats
+            x = x.astype(F32)
             out[i] = jnp.where(jnp.isfinite(x), jnp.clip(x, lo, hi), x).astype(leaves[i].dtype)
         zero = jnp.zeros((), F32)
         pre = _norms.root(sum(plain, zero), sum(scaled, zero))

@@ -56,9 +56,12 @@ def float_leaves(tree) -> tuple[list, object, list[int]]:
 
 def sumsq_pair(x: jax.Array, axes: Axes) -> tuple[jax.Array, jax.Array]:
     """Sums over `axes` (dims kept) of `x**2` and of `(x * 2**-64)**2`, in float32, in one pass."""
+    # The barrier pairs the scale with this array: XLA would otherwise share one
+    # broadcast of the scale between same-shaped arrays and materialize it at their size.
+    down, x = jax.lax.optimization_barrier((jnp.asarray(_DOWN, F32), x))
     x = x.astype(F32)
     plain = jnp.sum(jnp.square(x), axis=axes, keepdims=True)
-    scaled = jnp.sum(jnp.square(x * _down()), axis=axes, keepdims=True)
+    scaled = jnp.sum(jnp.square(x * down), axis=axes, keepdims=True)
     return plain, scaled
 
 
