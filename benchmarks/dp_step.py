@@ -7,37 +7,64 @@ Every variant is one jitted training step (gradients, aggregation, adam,
 - `non-private`: the mean loss's gradient + adam;
 - `optaxclip`: `per_example_grads` + `dp_aggregate` + adam;
 - `optaxclip mb16`: `clipped_grad_sum(microbatch_size=16)` + `dp_aggregate` + adam;
+- `optaxclip ghost`: `ghost_clipped_grad_sum` (ghost norms and book-keeping on the
+  stock Flax layers, no per-example gradients) + `dp_aggregate` + adam;
 - `optax.contrib`: `jax.vmap(jax.grad)` + `optax.contrib.differentially_private_aggregate` + adam;
 - `jax_privacy` and `jax_privacy mb16`: `jax_privacy.clipping.clipped_grad` (its
   own microbatching for mb16) + float32 Gaussian noise per leaf + adam.
 
 All clip at 1.0 with noise multiplier 1.1. Reports median step time, ratios
 to the non-private step and to jax_privacy, and XLA's compiled temp size
-(peak scratch memory). Run through `benchmarks/run.py`, or alone:
-`python benchmarks/dp_step.py --configs 128x64`.
+(peak scratch memory). `bench_dense` times the non-private and the ghost
+step on an Embed + Dense-over-sequence model (a transformer block's MLP:
+seq 128, width 256, batch 64). Run through `benchmarks/run.py`, or alone:
+`python benchmarks/dp_step.py --configs 128x64` (`--dense` adds the MLP rows).
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import print_checks, time_donated_steps  # benchmarks/ is the script's (or run.py's) path
 from flax import nnx
 
 import optaxclip
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "examples"))
-from _timing import print_checks, time_donated_steps  # noqa: E402
-from lstm_exploding import CharLSTM  # noqa: E402
-
 VOCAB, SEQ, CLIP, NOISE, MICRO = 64, 64, 1.0, 1.1, 16
+DENSE_SEQ, DENSE_WIDTH, DENSE_BATCH = 128, 256, 64
+
+
+class CharLSTM(nnx.Module):
+    """The demo's model (`examples/lstm_exploding.py`): Embed -> `nnx.RNN(nnx.LSTMCell)` -> Linear."""
+
+    def __init__(self, hidden: int, *, rngs: nnx.Rngs, embed: int = 32, vocab: int = VOCAB):
+        self.embed = nnx.Embed(vocab, embed, rngs=rngs)
+        self.rnn = nnx.RNN(nnx.LSTMCell(embed, hidden, rngs=rngs))
+        self.head = nnx.Linear(hidden, vocab, rngs=rngs)
+        self.hidden = hidden
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        zeros = jnp.zeros((tokens.shape[0], self.hidden))
+        return self.head(self.rnn(self.embed(tokens), initial_carry=(zeros, zeros)))
+
+
+class DenseLM(nnx.Module):
+    """Embed -> a transformer block's MLP over the sequence (width -> 4 width -> width, residual) -> head."""
+
+    def __init__(self, width: int, *, rngs: nnx.Rngs, vocab: int = VOCAB):
+        self.embed = nnx.Embed(vocab, width, rngs=rngs)
+        self.up = nnx.Linear(width, 4 * width, rngs=rngs)
+        self.down = nnx.Linear(4 * width, width, rngs=rngs)
+        self.head = nnx.Linear(width, vocab, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = self.embed(tokens)
+        h = h + self.down(jax.nn.gelu(self.up(h)))
+        return self.head(h)
 
 
 def make_variants(hidden: int, batch: int):
@@ -66,12 +93,16 @@ def make_variants(hidden: int, batch: int):
 
     per_example = optaxclip.per_example_grads(example_loss, batch_argnums=(1, 2))
     summed = optaxclip.clipped_grad_sum(example_loss, batch_argnums=(1, 2), microbatch_size=MICRO)
+    ghost = optaxclip.ghost_clipped_grad_sum(example_loss, batch_argnums=(1, 2))
     dp = lambda: optaxclip.dp_aggregate(CLIP, NOISE, key, expected_batch_size=batch)
     variants = {
         "non-private": chain_step(adam, jax.grad(batch_loss)),
         "optaxclip": chain_step(optax.chain(dp(), adam), per_example),
         f"optaxclip mb{MICRO}": chain_step(
             optax.chain(dp(), adam), lambda p, x, y: summed(p, x, y, l2_norm_clip=CLIP)
+        ),
+        "optaxclip ghost": chain_step(
+            optax.chain(dp(), adam), lambda p, x, y: ghost(p, x, y, l2_norm_clip=CLIP)
         ),
         "optax.contrib": chain_step(
             optax.chain(optax.contrib.differentially_private_aggregate(CLIP, NOISE, key), adam),
@@ -133,12 +164,83 @@ def bench(hidden: int, batch: int, repeats: int, inner: int) -> list[dict]:
     return rows
 
 
+def bench_dense(repeats: int, inner: int) -> list[dict]:
+    """Non-private vs ghost DP step on `DenseLM` (seq 128, width 256, batch 64); rows as `bench`'s."""
+    model = DenseLM(DENSE_WIDTH, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def batch_loss(p, x, y):
+        logits = nnx.merge(graphdef, p, rest)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def example_loss(p, x, y):
+        return batch_loss(p, x[None], y[None])
+
+    adam = optax.adam(1e-3)
+    ghost = optaxclip.ghost_clipped_grad_sum(example_loss, batch_argnums=(1, 2))
+    dp = optax.chain(
+        optaxclip.dp_aggregate(CLIP, NOISE, jax.random.key(0), expected_batch_size=DENSE_BATCH), adam
+    )
+
+    def chain_step(tx, grads_of):
+        def step(p, s, x, y):
+            updates, s = tx.update(grads_of(p, x, y), s, p)
+            return optax.apply_updates(p, updates), s
+
+        return jax.jit(step, donate_argnums=(0, 1)), tx.init
+
+    variants = {
+        "dense non-private": chain_step(adam, jax.grad(batch_loss)),
+        "dense optaxclip ghost": chain_step(dp, lambda p, x, y: ghost(p, x, y, l2_norm_clip=CLIP)),
+    }
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, VOCAB, (DENSE_BATCH, DENSE_SEQ + 1)), jnp.int32)
+    medians, temps = time_donated_steps(variants, params, (tokens[:, :-1], tokens[:, 1:]), repeats, inner)
+    base = medians["dense non-private"]
+    n_params = sum(v.size for v in jax.tree.leaves(params))
+    return [
+        {
+            "variant": name,
+            "hidden": DENSE_WIDTH,
+            "batch": DENSE_BATCH,
+            "params": n_params,
+            "median_ms": med * 1e3,
+            "vs_nonprivate": med / base,
+            "vs_jax_privacy": None,
+            "temp_MiB": temps[name] / 2**20,
+        }
+        for name, med in medians.items()
+    ]
+
+
 def targets(rows: list[dict]) -> list[tuple[bool, str]]:
-    """The DP targets of issues 4 and 6, each `(passed, line)`."""
+    """The DP targets of issues 4, 6 and 15 (the ghost path), each `(passed, line)`."""
     out = []
+    dense = [r for r in rows if r["variant"].startswith("dense ")]
+    rows = [r for r in rows if not r["variant"].startswith("dense ")]
     for hidden, batch in sorted({(r["hidden"], r["batch"]) for r in rows}):
         got = {r["variant"]: r for r in rows if (r["hidden"], r["batch"]) == (hidden, batch)}
         where = f"hidden {hidden}, batch {batch}"
+        if "optaxclip ghost" in got:
+            g = got["optaxclip ghost"]
+            vs_vmap = g["median_ms"] / got["optaxclip"]["median_ms"]
+            mem = g["temp_MiB"] / got["non-private"]["temp_MiB"]
+            out.append(
+                (
+                    g["vs_nonprivate"] <= 1.6,
+                    f"optaxclip ghost step vs non-private at {where}: "
+                    f"{g['vs_nonprivate']:.3f} (target <= 1.6)",
+                )
+            )
+            out.append(
+                (
+                    vs_vmap <= 0.5,
+                    f"optaxclip ghost step vs vmap path at {where}: {vs_vmap:.3f} (target <= 0.5)",
+                )
+            )
+            out.append(
+                (mem <= 1.2, f"optaxclip ghost temp vs non-private at {where}: {mem:.3f} (target <= 1.2)")
+            )
         for name in ("optaxclip", f"optaxclip mb{MICRO}"):
             ratio = got[name]["vs_jax_privacy"]
             out.append((ratio <= 1.0, f"{name} step vs jax_privacy at {where}: {ratio:.3f} (target <= 1.0)"))
@@ -149,6 +251,15 @@ def targets(rows: list[dict]) -> list[tuple[bool, str]]:
                 f"optaxclip mb{MICRO} peak temp / unmicrobatched at {where}: {mem:.3f} (target <= 0.333)",
             )
         )
+    if dense:
+        ratio = next(r["vs_nonprivate"] for r in dense if r["variant"] == "dense optaxclip ghost")
+        out.append(
+            (
+                ratio <= 1.3,
+                f"optaxclip ghost step vs non-private on the Dense-over-sequence model (seq {DENSE_SEQ}, "
+                f"width {DENSE_WIDTH}, batch {DENSE_BATCH}): {ratio:.3f} (target <= 1.3)",
+            )
+        )
     return out
 
 
@@ -157,15 +268,19 @@ def main(argv=None):
     ap.add_argument("--configs", default="128x64", help="comma-separated HIDDENxBATCH")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=2)
+    ap.add_argument("--dense", action="store_true", help="also the Dense-over-sequence model (bench_dense)")
     args = ap.parse_args(argv)
     rows = []
     for config in args.configs.split(","):
         hidden, batch = (int(v) for v in config.split("x"))
         rows += bench(hidden, batch, args.repeats, args.inner)
+    if args.dense:
+        rows += bench_dense(args.repeats, args.inner)
     for r in rows:
+        vs_jp = "-" if r["vs_jax_privacy"] is None else f"{r['vs_jax_privacy']:.3f}"
         print(
             f"| {r['hidden']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} "
-            f"| {r['vs_nonprivate']:.2f} | {r['vs_jax_privacy']:.3f} | {r['temp_MiB']:.1f} |"
+            f"| {r['vs_nonprivate']:.2f} | {vs_jp} | {r['temp_MiB']:.1f} |"
         )
     print_checks(targets(rows))
     return rows

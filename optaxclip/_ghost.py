@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from . import _norms
 from ._per_example import (
@@ -45,6 +44,15 @@ GHOST, MATERIALISED, PER_EXAMPLE = "ghost", "materialised", "per-example"
 
 _LOCAL = threading.local()
 _PATCH_LOCK = threading.RLock()
+
+
+def _nnx():
+    """`flax.nnx`, imported when first needed (flax is an optional dependency); None without flax."""
+    try:
+        from flax import nnx
+    except ImportError:  # no flax: nothing to tap, every parameter takes per-example gradients
+        return None
+    return nnx
 
 
 def _trace_state():
@@ -124,6 +132,7 @@ def _embed_call(self, inputs, *args, **kwargs):
 
 def _cell_params(cell):
     """`(kind, input kernels, input bias or None, hidden kernels, hidden biases)` of a stock cell, or None."""
+    nnx = _nnx()
     if type(cell) is nnx.LSTMCell:
         gates_i, gates_h = (cell.ii, cell.if_, cell.ig, cell.io), (cell.hi, cell.hf, cell.hg, cell.ho)
         return (
@@ -177,7 +186,8 @@ def _hoisted_rnn(self, tape, kind, variables, idx, n_in, has_in_bias, inputs, kw
         w_h = jnp.concatenate(rest[: len(rest) // 2], axis=-1)
         bias = jnp.concatenate(rest[len(rest) // 2 :], axis=-1)
     dtype = jnp.result_type(inputs.dtype, w_in.dtype)
-    zx = jnp.matmul(inputs.astype(dtype), w_in.astype(dtype)) + bias.astype(dtype)
+    zx = jnp.matmul(inputs.astype(dtype), w_in.astype(dtype))
+    zx = zx + bias.astype(dtype).reshape((1,) * (zx.ndim - 1) + (-1,))
     acts = {"x": inputs}
     if kind == "lstm":
         per = [(slice(j * hidden, (j + 1) * hidden) if n_in > 1 else None) for j in range(n_in)]
@@ -231,6 +241,14 @@ def _hoisted_rnn(self, tape, kind, variables, idx, n_in, has_in_bias, inputs, kw
 @contextlib.contextmanager
 def _tapping(ids: dict[int, int], perturbations: list | None):
     """Installs the layer taps (class-level, for this thread's trace only) and a fresh tape."""
+    nnx = _nnx()
+    if nnx is None:
+        outer, _LOCAL.tape = _tape(), _Tape(ids, perturbations)
+        try:
+            yield _LOCAL.tape
+        finally:
+            _LOCAL.tape = outer
+        return
     with _PATCH_LOCK:
         if not _ORIG:
             _ORIG.update(linear=nnx.Linear.__call__, embed=nnx.Embed.__call__, rnn=nnx.RNN.__call__)
@@ -442,13 +460,17 @@ def ghost_clipped_grad_sum(
         else:
             candidates, records = [], []
         modes = {}
-        for r in records:
-            for leaf, kind, act, _ in r["pairs"]:
-                n = 1
-                shape = r["acts"][act].shape if act is not None else r["out"].shape
-                for d in shape[:-1] if kind != "embed" else shape:
-                    n *= d
-                modes[leaf] = _pair_mode(kind, jnp.shape(leaves[leaf]), n)
+        for k, kind, act, group in _groups(records):
+            r = records[k]
+            shape = r["acts"][act].shape if act is not None else r["out"].shape
+            n = 1
+            for d in shape[:-1] if kind != "embed" else shape:
+                n *= d
+            leaf_shape = jnp.shape(leaves[group[0][0]])
+            if kind == "kernel":
+                leaf_shape = (leaf_shape[0], sum(_width(sel, r["out"].shape[-1]) for _, sel in group))
+            for leaf, _ in group:
+                modes[leaf] = _pair_mode(kind, leaf_shape, n)
         return _Plan(candidates, records, modes)
 
     def paths(*args) -> dict[str, str]:
@@ -486,68 +508,131 @@ def ghost_clipped_grad_sum(
         g_fallback, g_zs = vjp_fn(jnp.ones_like(losses))
 
         # Per-leaf per-example squared norms, from the (input, cotangent) pairs and the fallback grads.
-        sq: list = [None] * len(leaves)
-        work: dict[int, tuple] = {}
-        for rec, g, act in zip(meta, g_zs, acts, strict=True):
-            for leaf, kind, name, sel in rec["pairs"]:
-                G = _select_g(g, act, sel)
-                if kind == "embed":
-                    G = G.reshape(batch, -1, G.shape[-1]).astype(F32)
-                    work[leaf] = ("embed", act[name].reshape(batch, -1), G)
-                    sq[leaf] = _embed_sq(
-                        act[name].reshape(batch, -1), G, jnp.shape(leaves[leaf])[0], p.modes[leaf]
-                    )
-                elif kind == "bias":
-                    per = _flat(G, True).astype(F32).sum(axis=1)
-                    work[leaf] = ("per", per)
-                    sq[leaf] = jnp.sum(jnp.square(per), axis=1)
-                else:
-                    A, Gf = _flat(act[name], True).astype(F32), _flat(G, True).astype(F32)
-                    if p.modes[leaf] == GHOST:
-                        work[leaf] = ("bk", A, Gf)
-                        sq[leaf] = jnp.sum(
-                            jnp.einsum("bni,bmi->bnm", A, A) * jnp.einsum("bno,bmo->bnm", Gf, Gf), axis=(1, 2)
-                        )
-                    else:
-                        per = jnp.einsum("bni,bno->bio", A, Gf)
-                        work[leaf] = ("per", per)
-                        sq[leaf] = jnp.sum(jnp.square(per), axis=(1, 2))
+        sq: list = [jnp.zeros((batch,), F32)] * len(leaves)
+        work: list[tuple] = []
+        for k, kind, name, group in _groups(meta):
+            g, act = g_zs[k], acts[k]
+            members = [leaf for leaf, _ in group]
+            widths = [_width(sel, g.shape[-1]) for _, sel in group]
+            G = g if len(group) > 1 else _select_g(g, act, group[0][1])
+            if kind == "embed":
+                ids, G = act[name].reshape(batch, -1), G.reshape(batch, -1, G.shape[-1]).astype(F32)
+                sq[members[0]] = _embed_sq(ids, G, jnp.shape(leaves[members[0]])[0], p.modes[members[0]])
+                work.append(("embed", members, widths, ids, G))
+                continue
+            G = _flat(G, True).astype(F32)
+            if kind == "bias":
+                per = G.sum(axis=1)
+                work.append(("per", members, widths, per))
+                for leaf, q in zip(members, _split_sq(per, widths, bounds), strict=False):  # as below
+                    sq[leaf] = q
+                continue
+            A = _flat(act[name], True).astype(F32)
+            if p.modes[members[0]] == GHOST:
+                gram_a = jnp.einsum("bni,bmi->bnm", A, A)
+                parts = [G] if bounds is None else jnp.split(G, _offsets(widths), axis=-1)
+                qs = [jnp.sum(gram_a * jnp.einsum("bno,bmo->bnm", x, x), axis=(1, 2)) for x in parts]
+                work.append(("bk", members, widths, A, G))
+            else:
+                per = jnp.einsum("bni,bno->bio", A, G)
+                qs = _split_sq(per, widths, bounds)
+                work.append(("per", members, widths, per))
+            for leaf, q in zip(members, qs, strict=False):  # one total for the group under a global clip
+                sq[leaf] = q
         for i, g in zip(fallback_idx, g_fallback, strict=True):
             g = g.astype(F32)
-            work[i] = ("per", g)
+            work.append(("per", [i], [g.shape[-1] if g.ndim > 1 else 1], g))
             sq[i] = jnp.sum(jnp.square(g).reshape(batch, -1), axis=1)
 
         norms, factors = clip_factors(sq, bounds, clip)
-        if factors is None:
-            factors = [_norms.scale_factor(norms, clip)] * len(leaves)
         ok = real & jnp.isfinite(norms)
+        one = jnp.where(ok, _norms.scale_factor(norms, clip), 0.0) if factors is None else None
 
         def keep(x):  # rows that are not real and finite read as 0 (a select fused into the product)
             return jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
 
-        sums = []
-        for i, leaf in enumerate(leaves):
-            w = jnp.where(ok, factors[i], 0.0)
-            item = work[i]
-            if item[0] == "per":
-                s = jnp.tensordot(w, keep(item[1]), axes=1)
-            elif item[0] == "bk":
-                s = jnp.einsum("bni,bno->io", keep(item[1]), keep(item[2]) * w[:, None, None])
-            else:
-                ids, G = item[1], item[2]
-                vocab = jnp.shape(leaf)[0]
+        sums: list = [None] * len(leaves)
+        for kind, members, widths, *arrays in work:
+            ws = [one if one is not None else jnp.where(ok, factors[m], 0.0) for m in members]
+            if kind == "embed":
+                ids, G = arrays
+                vocab = jnp.shape(leaves[members[0]])[0]
                 ids = jnp.where(ids < 0, ids + vocab, ids)
-                s = (
-                    jnp.zeros(jnp.shape(leaf), F32)
+                out = [
+                    jnp.zeros(jnp.shape(leaves[members[0]]), F32)
                     .at[ids.reshape(-1)]
-                    .add((keep(G) * w[:, None, None]).reshape(-1, G.shape[-1]), mode="drop")
-                )
-            sums.append(s.reshape(jnp.shape(leaf)))
+                    .add((keep(G) * ws[0][:, None, None]).reshape(-1, G.shape[-1]), mode="drop")
+                ]
+            elif kind == "bk":
+                A, G = arrays
+                if len(members) == 1 or one is not None:
+                    cols = ws[0][:, None, None]
+                else:
+                    cols = jnp.concatenate(
+                        [jnp.broadcast_to(w[:, None], (batch, n)) for w, n in zip(ws, widths, strict=True)],
+                        -1,
+                    )[:, None, :]
+                out = jnp.split(jnp.einsum("bni,bno->io", keep(A), keep(G) * cols), _offsets(widths), axis=-1)
+            else:
+                (per,) = arrays
+                if len(members) == 1 or one is not None:
+                    total = jnp.tensordot(ws[0], keep(per), axes=1)
+                    out = jnp.split(total, _offsets(widths), axis=-1) if len(members) > 1 else [total]
+                else:
+                    parts = jnp.split(keep(per), _offsets(widths), axis=-1)
+                    out = [jnp.tensordot(w, x, axes=1) for w, x in zip(ws, parts, strict=True)]
+            for m, x in zip(members, out, strict=True):
+                sums[m] = x.reshape(jnp.shape(leaves[m]))
         result = ClippedGradSum(treedef.unflatten(sums), norms, real, clip)
         return (result, aux) if has_aux else result
 
     run.paths = paths
     return run
+
+
+def _groups(records: list[dict]):
+    """`(record, kind, act, [(leaf, selector)])`: pairs that slice one cotangent's columns go together.
+
+    A stock `nnx.LSTMCell` keeps one kernel per gate; its four hidden kernels
+    read the same activations and four column blocks of one cotangent, so
+    one einsum (and under a global clip one ghost norm) serves all four.
+    """
+    for k, rec in enumerate(records):
+        sliced: dict[tuple, list] = {}
+        for leaf, kind, name, sel in rec["pairs"]:
+            if isinstance(sel, slice) and kind in ("kernel", "bias"):
+                sliced.setdefault((kind, name), []).append((leaf, sel))
+            else:
+                yield k, kind, name, [(leaf, sel)]
+        width = rec["out"].shape[-1]
+        for (kind, name), group in sliced.items():
+            stops = [0] + [sel.stop for _, sel in group]
+            contiguous = all(sel.start == stops[j] for j, (_, sel) in enumerate(group)) and stops[-1] == width
+            if contiguous:
+                yield k, kind, name, group
+            else:
+                for pair in group:
+                    yield k, kind, name, [pair]
+
+
+def _width(sel, width: int) -> int:
+    return sel.stop - sel.start if isinstance(sel, slice) else width
+
+
+def _offsets(widths: list[int]) -> list[int]:
+    out, total = [], 0
+    for w in widths[:-1]:
+        total += w
+        out.append(total)
+    return out
+
+
+def _split_sq(per: jax.Array, widths: list[int], bounds) -> list:
+    """Squared norms `[B]` of a materialised per-example gradient: the group's total, or per column block."""
+    axes = tuple(range(1, per.ndim))
+    if bounds is None or len(widths) == 1:
+        return [jnp.sum(jnp.square(per), axis=axes)]
+    return [jnp.sum(jnp.square(x), axis=axes) for x in jnp.split(per, _offsets(widths), axis=-1)]
 
 
 def _embed_sq(ids: jax.Array, G: jax.Array, vocab: int, mode: str) -> jax.Array:
