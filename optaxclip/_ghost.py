@@ -35,6 +35,7 @@ from ._per_example import (
     _layer_bounds,
     _row_mask,
     _vary_like_batch,
+    _varying_axes,
     clip_factors,
     layer_sensitivity,
 )
@@ -208,6 +209,13 @@ def _hoisted_rnn(self, tape, kind, variables, idx, n_in, has_in_bias, inputs, kw
         zeros = jnp.zeros(batch_dims + (hidden,), cell.param_dtype)
         carry = (zeros, zeros) if kind == "lstm" else zeros
     w_h = w_h.astype(dtype)
+    axes = _varying_axes(zx)  # inside shard_map the carry must vary as the steps' outputs do
+
+    def vary(c):
+        missing = tuple(sorted(axes - _varying_axes(c)))
+        return jax.lax.pcast(c, missing, to="varying") if missing else c
+
+    carry = jax.tree.map(vary, carry)
 
     def lstm_step(carry, z_in):
         c, h = carry

@@ -71,4 +71,49 @@ for micro in (None, 2):
         np.testing.assert_allclose(np.asarray(norms8), np.asarray(one.norms), rtol=1e-4)
         np.testing.assert_allclose(float(clip8), float(one.l2_norm_clip), rtol=1e-6)
 print("clipped_grad_sum 8 devices == 1 device")
+
+# 3. ghost_clipped_grad_sum (Flax NNX Embed -> RNN(LSTMCell) -> Linear): the same as one device.
+from flax import nnx  # noqa: E402
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(8, 4, rngs=rngs)
+        self.rnn = nnx.RNN(nnx.LSTMCell(4, 4, rngs=rngs))
+        self.head = nnx.Linear(4, 8, rngs=rngs)
+
+    def __call__(self, t):
+        z = jnp.zeros((t.shape[0], 4))
+        return self.head(self.rnn(self.embed(t), initial_carry=(z, z)))
+
+
+graphdef, nparams, rest = nnx.split(Tiny(nnx.Rngs(0)), nnx.Param, ...)
+
+
+def lm_loss(p, row):
+    logits = nnx.merge(graphdef, p, rest)(row[None, :-1])[0]
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, row[1:, None], -1)[:, 0])
+
+
+rows = jnp.asarray(rng.integers(0, 8, (16, 6)), jnp.int32)
+ghost = optaxclip.ghost_clipped_grad_sum(lm_loss)
+assert "per-example" not in ghost.paths(nparams, rows).values()
+for clip in (0.05, lambda path, leaf: 0.03):
+
+    def ghost_local(p, r, m, clip=clip):
+        s = ghost(p, r, l2_norm_clip=clip, mask=m)
+        return jax.lax.psum(s.grads, "data"), s.norms
+
+    f = jax.jit(
+        jax.shard_map(
+            ghost_local, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P("data"))
+        )
+    )
+    grads8, norms8 = f(nparams, shard(rows), shard(mask))
+    one = jax.jit(lambda p, r, m, clip=clip: ghost(p, r, l2_norm_clip=clip, mask=m))(nparams, rows, mask)
+    vmap_one = optaxclip.clipped_grad_sum(lm_loss)(nparams, rows, l2_norm_clip=clip, mask=mask)
+    close(grads8, one.grads, "ghost 8 devices")
+    close(grads8, vmap_one.grads, "ghost 8 devices vs vmap path")
+    np.testing.assert_allclose(np.asarray(norms8), np.asarray(vmap_one.norms), rtol=1e-4)
+print("ghost_clipped_grad_sum 8 devices == 1 device")
 print("PER EXAMPLE SHARDING OK")

@@ -276,4 +276,5 @@ def test_per_example_grads_and_clipped_sum_under_shard_map_equal_one_device():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "per_example_grads 8 devices == 1 device" in proc.stdout
     assert "clipped_grad_sum 8 devices == 1 device" in proc.stdout
+    assert "ghost_clipped_grad_sum 8 devices == 1 device" in proc.stdout
     assert "PER EXAMPLE SHARDING OK" in proc.stdout
