@@ -4,11 +4,15 @@ A character-level language model on windows of the Python standard
 library's own source (every Python install has them); each window is one
 example (one "user record"). The private run samples batches by Poisson
 sampling (padded to a fixed size with a mask, so nothing recompiles), clips
-each example's gradient inside the microbatch loop
-(`optaxclip.clipped_grad_sum`), adds Gaussian noise and averages
+each example's gradient without forming per-example gradients
+(`optaxclip.ghost_clipped_grad_sum`: ghost norms and book-keeping on the
+stock `nnx.Embed`, `nnx.RNN(nnx.LSTMCell)` and `nnx.Linear`; `--path vmap`
+takes `optaxclip.clipped_grad_sum`, per-example gradients clipped inside
+the microbatch loop), adds Gaussian noise and averages
 (`optaxclip.dp_aggregate`, or `dp_adaptive_aggregate` with `--adaptive`),
-then takes an adam step. The noise multiplier is calibrated for the target
-epsilon, and the epsilon actually spent is reported with
+then takes an adam step; it prints the clipped sum's time on both paths.
+The noise multiplier is calibrated for the target epsilon, and the epsilon
+actually spent is reported with
 `optaxclip.privacy`. The non-private run uses the same model, data, batch
 size and optimizer.
 
@@ -53,6 +57,18 @@ def evaluate(graphdef, params, rest, rows):
     return float(loss), float(jnp.mean(jnp.argmax(logits, -1) == labels))
 
 
+def clipped_sum_fn(args, example_loss, path: str):
+    """The clipped per-example sum: ghost norms + book-keeping, or vmap(grad) in microbatches."""
+    if path == "ghost":
+        return optaxclip.ghost_clipped_grad_sum(example_loss)
+    return optaxclip.clipped_grad_sum(example_loss, microbatch_size=args.microbatch)
+
+
+def padded_size(args) -> int:
+    padded = args.batch + 4 * int(np.sqrt(args.batch)) + 8  # Poisson batches fit with overwhelming odds
+    return padded + (-padded % args.microbatch)
+
+
 def train(args, train_rows, test_rows, private: bool, noise_multiplier: float) -> dict:
     model = CharLSTM(args.hidden, rngs=nnx.Rngs(args.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -75,7 +91,7 @@ def train(args, train_rows, test_rows, private: bool, noise_multiplier: float) -
             optax.adam(args.lr),
         )
     opt_state = tx.init(params)
-    clipped_sum = optaxclip.clipped_grad_sum(example_loss, microbatch_size=args.microbatch)
+    clipped_sum = clipped_sum_fn(args, example_loss, args.path)
 
     @jax.jit
     def private_step(p, s, rows, mask):
@@ -97,8 +113,7 @@ def train(args, train_rows, test_rows, private: bool, noise_multiplier: float) -
     step = private_step if private else plain_step
     rng = np.random.default_rng(args.seed)
     rate = args.batch / len(train_rows)
-    padded = args.batch + 4 * int(np.sqrt(args.batch)) + 8  # Poisson batches fit with overwhelming odds
-    padded += -padded % args.microbatch
+    padded = padded_size(args)
     name = "DP-SGD" if private else "non-private"
     t0 = time.perf_counter()
     for _ in tqdm(range(args.steps), desc=f"{name:>11}", disable=args.no_progress):
@@ -110,6 +125,30 @@ def train(args, train_rows, test_rows, private: bool, noise_multiplier: float) -
     out = {"name": name, "test_loss": loss, "test_accuracy": acc, "wall_s": wall}
     if private:
         out["final_clip_norm"] = float(m["l2_norm_clip"] if args.adaptive else m["threshold"])
+    return out
+
+
+def step_times(args, train_rows, reps: int = 3) -> dict[str, float]:
+    """Median ms of the clipped per-example sum (jitted, compiled first) on one padded batch, per path."""
+    model = CharLSTM(args.hidden, rngs=nnx.Rngs(args.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def example_loss(p, row):
+        logits = nnx.merge(graphdef, p, rest)(row[None, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits[0], row[1:]).mean()
+
+    rows = jnp.asarray(train_rows[: padded_size(args)])
+    out = {}
+    for path in ("ghost", "vmap"):
+        f = clipped_sum_fn(args, example_loss, path)
+        step = jax.jit(lambda p, r, f=f: f(p, r, l2_norm_clip=args.clip).grads)
+        jax.block_until_ready(step(params, rows))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(params, rows))
+            times.append(time.perf_counter() - t0)
+        out[path] = 1e3 * float(np.median(times))
     return out
 
 
@@ -127,6 +166,12 @@ def parse_args(argv=None):
     )
     ap.add_argument("--epsilon", type=float, default=8.0, help="target epsilon at delta=1e-5")
     ap.add_argument("--adaptive", action="store_true", help="dp_adaptive_aggregate (median clip norm)")
+    ap.add_argument(
+        "--path",
+        choices=("ghost", "vmap"),
+        default="ghost",
+        help="ghost: ghost_clipped_grad_sum (no per-example gradients); vmap: clipped_grad_sum",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -145,7 +190,7 @@ def main(argv=None) -> list[dict]:
         f"Char-LSTM (hidden {args.hidden}) on {len(train_rows):,} windows of {args.seq_len} chars "
         f"of the stdlib's source; {args.steps} steps, expected batch {args.batch} "
         f"(sampling rate {rate:.4f}); device: {jax.devices()[0].platform}\n"
-        f"DP-SGD: clip {args.clip}{' (adaptive, median)' if args.adaptive else ''}, "
+        f"DP-SGD ({args.path} path): clip {args.clip}{' (adaptive, median)' if args.adaptive else ''}, "
         f"noise multiplier {nm:.3f} for epsilon {args.epsilon} at delta {DELTA}"
     )
     runs = [train(args, train_rows, test_rows, private, nm) for private in (False, True)]
@@ -158,6 +203,13 @@ def main(argv=None) -> list[dict]:
     runs[1]["epsilon"] = spent
     print(f"\nPrivacy spent: epsilon = {spent:.3f} at delta = {DELTA} (PLD accountant, Poisson sampling).")
     print(f"Final clip norm: {runs[1]['final_clip_norm']:.3f}")
+    ms = step_times(args, train_rows)
+    runs[1]["clipped_sum_ms"] = ms
+    print(
+        f"Clipped per-example sum of one padded batch ({padded_size(args)} rows): "
+        f"ghost path {ms['ghost']:.1f} ms, vmap path {ms['vmap']:.1f} ms "
+        f"({ms['vmap'] / ms['ghost']:.1f}x faster); this run used the {args.path} path."
+    )
     return runs
 
 

@@ -170,6 +170,11 @@ def test_dp_example_reports_epsilon_next_to_a_non_private_run(capsys, adaptive):
     )
     assert runs[1]["epsilon"] == pytest.approx(expected, rel=1e-2) and runs[1]["epsilon"] <= 4.0 + 1e-6
     assert f"epsilon = {runs[1]['epsilon']:.3f}" in text
+    # The fast (ghost) path is the default, and its speed is printed next to the vmap path's.
+    assert "DP-SGD (ghost path)" in text and "this run used the ghost path" in text
+    ms = runs[1]["clipped_sum_ms"]
+    assert ms["ghost"] > 0 and ms["vmap"] > 0
+    assert f"ghost path {ms['ghost']:.1f} ms, vmap path {ms['vmap']:.1f} ms" in text
 
 
 def test_nnx_optimizer_example_logs_each_steps_own_metrics(capsys):
