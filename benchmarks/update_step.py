@@ -228,7 +228,8 @@ def targets(rows: list[dict]) -> tuple[list[tuple[bool, str]], list[str]]:
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["params"], r["dtype"], r["mode"]), {})[r["variant"]] = r
-    for (n, dtype, mode), got in sorted(groups.items()):
+    order = lambda item: (item[0][0], item[0][1] != "float32", item[0][1])  # float32 first at each size
+    for (n, dtype, mode), got in sorted(groups.items(), key=order):
         if mode != "single":
             continue
         for name, r in got.items():
