@@ -656,8 +656,8 @@ def _embed_sq(ids: jax.Array, G: jax.Array, vocab: int, mode: str) -> jax.Array:
 
 def _zeros_like_varying(shape, dtype, leaves) -> jax.Array:
     """Zeros that vary over the shard_map axes the params were cast to (so the vjp keeps them per device)."""
-    z = jnp.zeros(shape, dtype)
-    like = next((x for x in leaves if hasattr(x, "shape")), None)
+    z = jnp.zeros(shape, dtype)  # a constant outside shard_map: XLA folds `y + 0` away, no buffer
+    like = next((x for x in leaves if hasattr(x, "shape") and _varying_axes(x)), None)
     if like is not None:
         return z + jnp.zeros_like(jnp.ravel(like)[:1].reshape(()), dtype)
     return z
