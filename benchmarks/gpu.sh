@@ -47,7 +47,7 @@ run() {
     local t0=$SECONDS rc=0
     timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
     local what="ok"
-    ((rc == 124 || rc == 137)) && what="timed out after ${limit} s (partial results kept)"
+    ((rc == 124 || rc == 137)) && what="timed out after ${limit} s"
     ((rc != 0 && rc != 124 && rc != 137)) && what="failed (exit $rc, see $name.log)"
     printf '%s\t%s\t%s\n' "$name" "$what" $((SECONDS - t0)) >>"$status_file"
     tail -n 3 "$OUT/$name.log"
@@ -87,14 +87,14 @@ fi
 # 2. The update step at GPU sizes (plan `gpu` in benchmarks/run.py). run.py writes its files after
 #    every part and starts no part after --budget-s, so a slow machine still leaves results.
 if have optax; then
-    run update 250 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name update --budget-s 180 "$@" --dp=
+    run update 230 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name update --budget-s 160 "$@" --dp=
 else
     printf 'update\tskipped (optax missing)\t0\n' >>"$status_file"
 fi
 
 # 3. The DP step (needs flax and jax_privacy).
 if have flax && have jax_privacy; then
-    run dp 120 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name dp --budget-s 60 "$@" \
+    run dp 140 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name dp --budget-s 70 "$@" \
         --sizes= --bf16-sizes= --vmap-sizes=
 else
     printf 'dp\tskipped (flax or jax_privacy missing)\t0\n' >>"$status_file"

@@ -24,7 +24,7 @@ cost reads as a difference. The pieces are written here in plain `jnp`
   clamping; against optax's `clip` and optaxclip's `clip_by_value`.
 
 Run: `python benchmarks/overheads.py [--sizes 1.1e6] [--states 4]`
-(about 30 s a size on 2 CPU cores); it prints a table and writes `results/overheads.md`.
+It prints a table and writes `results/overheads.md`.
 """
 
 from __future__ import annotations

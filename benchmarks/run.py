@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    update_rows, dp_rows, skipped = [], [], []
+    update_rows, dp_rows, skipped, part_s = [], [], [], {}
 
     def write(final: bool):
         """Writes the JSON and Markdown of what has run (after every part, so a timeout keeps them)."""
@@ -224,6 +224,7 @@ def main(argv=None) -> int:
             "settings": plan,
             "complete": final and not skipped,
             "skipped": skipped,
+            "part_s": part_s,
             "machine": f"{platform.machine()}, {platform.system()}, {os.cpu_count()} CPU cores, "
             f"{len(jax.devices())} {jax.devices()[0].platform} device(s)",
             "device": jax.devices()[0].device_kind,
@@ -258,6 +259,7 @@ def main(argv=None) -> int:
             skipped.append(label)
             continue
         print(f"{label} ...", flush=True)
+        t_part = time.perf_counter()
         if states is None:
             import dp_step
 
@@ -265,6 +267,8 @@ def main(argv=None) -> int:
         else:
             timing = plan["vmap_timing"] if states else plan["update"]
             update_rows += update_step.bench(a, b, *timing, states=states)
+        part_s[label] = round(time.perf_counter() - t_part, 1)
+        print(f"{label}: {part_s[label]:.0f} s", flush=True)
         write(final=False)
     text, meta = write(final=True)
     if not args.no_plot:
