@@ -70,7 +70,7 @@ def _per_example(grads):
 
 
 def _clipped_sum():
-    loss = lambda p, x: sum(jnp.sum(w * x) for w in jax.tree.leaves(p))  # noqa: E731
+    loss = lambda p, x: sum(jnp.sum(w * x) for w in jax.tree.leaves(p))
     summed = optaxclip.clipped_grad_sum(loss)
     return jax.eval_shape(lambda p, x: summed(p, x, l2_norm_clip=1.0), DP_PARAMS, jnp.zeros((BATCH,), F32))
 
