@@ -224,7 +224,7 @@ def _hoisted_rnn(self, tape, kind, variables, idx, n_in, has_in_bias, inputs, kw
         i, f, g, o = cell.gate_fn(i), cell.gate_fn(f), cell.activation_fn(g), cell.gate_fn(o)
         new_c = f * c + i * g
         new_h = o * cell.activation_fn(new_c)
-        return (new_c, new_h), (h, new_h)
+        return (new_c, new_h), (new_h,)
 
     def gru_step(h, z_in):
         hh = jnp.matmul(h.astype(dtype), w_h)
@@ -233,17 +233,20 @@ def _hoisted_rnn(self, tape, kind, variables, idx, n_in, has_in_bias, inputs, kw
         r, z = cell.gate_fn(xr + hr), cell.gate_fn(xz + hz)
         n = cell.activation_fn(xn + r * hn)
         new_h = (1.0 - z) * n + z * h
-        return new_h, (h, new_h, r)
+        return new_h, (new_h, r)
 
     step = lstm_step if kind == "lstm" else gru_step
+    h0 = carry[1] if kind == "lstm" else carry
     carry, outs = jax.lax.scan(step, carry, jnp.moveaxis(zx, -2, 0), unroll=self.unroll)
-    outs = [jnp.moveaxis(o, 0, -2) for o in outs]
-    acts["h_prev"] = outs[0]
+    # The hidden kernel's inputs: the initial state, then every output but the last (one stacked output).
+    h_prev = jnp.concatenate([h0[None].astype(outs[0].dtype), outs[0][:-1]], axis=0)
+    hs = jnp.moveaxis(outs[0], 0, -2)
+    acts["h_prev"] = jnp.moveaxis(h_prev, 0, -2)
     if kind == "gru":
-        acts["r"] = outs[2]
+        acts["r"] = jnp.moveaxis(outs[1], 0, -2)
     return_carry = kwargs.get("return_carry")
     return_carry = self.return_carry if return_carry is None else return_carry
-    return (carry, outs[1]) if return_carry else outs[1]
+    return (carry, hs) if return_carry else hs
 
 
 @contextlib.contextmanager
