@@ -299,9 +299,21 @@ def _flat(x: jax.Array, batched: bool) -> jax.Array:
 
 
 def _pair_mode(kind: str, leaf_shape, n: int) -> str:
-    """Ghost or materialised norm for one pair, by cost (Bu et al. 2022: ghost iff 2 N^2 < d_in d_out)."""
+    """Ghost or materialised norm for one layer (`n` positions), by cost.
+
+    Materialising `A^T G` per example costs `N d_in d_out` and gives the
+    clipped sum for one weighted reduction; the ghost norm costs
+    `N^2 (d_in + d_out)` on top of the book-keeping matmul (`N d_in d_out`),
+    so it pays only for its memory: `B N^2` instead of `B d_in d_out`. So a
+    kernel is materialised while its per-example gradient is at most twice
+    the size of the layer's inputs and output cotangents (which the
+    backward pass holds anyway), and whenever `2 N^2 >= d_in d_out` (Bu et
+    al. 2022: there the ghost norm is the larger in memory too).
+    """
     if kind == "kernel":
-        return GHOST if 2 * n * n < leaf_shape[0] * leaf_shape[1] else MATERIALISED
+        d_in, d_out = leaf_shape[0], leaf_shape[1]
+        small = d_in * d_out <= 2 * n * (d_in + d_out)
+        return MATERIALISED if small or 2 * n * n >= d_in * d_out else GHOST
     if kind == "embed":
         return GHOST if n <= leaf_shape[0] else MATERIALISED
     return MATERIALISED  # a bias: the sum over positions is the per-example gradient
@@ -339,9 +351,10 @@ def ghost_clipped_grad_sum(
     backward pass gives each tapped layer's inputs `A` and output cotangents
     `G` per example; each parameter's per-example norm is the ghost norm
     `sum_{n,m} (a_n . a_m)(g_n . g_m)` or the norm of the materialised
-    `A^T G`, whichever is cheaper for that layer (`2 N^2 < d_in d_out`, `N`
-    positions), and the clipped sum is one matmul with the clip factors
-    folded into `G`.
+    `A^T G`, chosen per layer by cost (`N` positions: materialised while
+    `d_in d_out <= 2 N (d_in + d_out)` or `2 N^2 >= d_in d_out`, else ghost),
+    and the clipped sum is one matmul with the clip factors folded into `G`
+    (or one weighted reduction of the materialised gradients).
 
     Tapped without changing the model: `flax.nnx.Linear`, `flax.nnx.Embed`,
     and `flax.nnx.RNN` over `nnx.LSTMCell`, `nnx.OptimizedLSTMCell` or

@@ -200,6 +200,29 @@ class GhostMatchesVmapPathTest(chex.TestCase):
         np.testing.assert_allclose(fast.norms, slow.norms, rtol=RTOL)
         assert_close(fast.grads, slow.grads)
 
+    @parameterized.named_parameters(
+        ("lstm", "lstm", 3, "['rnn']['cell']['hi']['kernel'].value"),
+        ("optimized_lstm", "optimized_lstm", 3, "['rnn']['cell']['dense_h']['kernel'].value"),
+        ("gru", "gru", 2, "['rnn']['cell']['dense_h']['kernel'].value"),
+    )
+    def test_ghost_norms_of_recurrent_kernels_global_and_per_layer(self, name, seq, hidden_kernel):
+        m = setup(name)
+        rows = m.rows(seq=seq, seed=4)
+        assert m.ghost.paths(m.params, rows, jnp.ones(BATCH))[hidden_kernel] == "ghost"
+        fast, slow = m.both(rows, mask=np.arange(BATCH) != 1)
+        np.testing.assert_allclose(fast.norms, slow.norms, rtol=RTOL)
+        assert_close(fast.grads, slow.grads)
+        bound = lambda path, leaf: 0.05 if "cell" in jax.tree_util.keystr(path) else 0.02
+        ones = jnp.ones(BATCH)
+
+        @jax.jit
+        def layered(p, r):
+            return m.ghost(p, r, ones, l2_norm_clip=bound), m.vmapped(p, r, ones, l2_norm_clip=bound)
+
+        fast, slow = layered(m.params, rows)
+        assert_close(fast.grads, slow.grads)
+        np.testing.assert_allclose(float(fast.l2_norm_clip), float(slow.l2_norm_clip), rtol=1e-6)
+
     def test_through_dp_aggregate_same_update_and_stats(self):
         m = setup("lstm")
         fast, slow = m.both(m.rows(seed=2))
@@ -236,11 +259,15 @@ class PathsTest(chex.TestCase):
         }
 
     def test_ghost_or_materialised_by_cost(self):
-        # 2 N^2 < d_in d_out: ghost. The MLP's up kernel (8 x 32) is ghost at 6 positions, materialised at 12.
+        # Materialised while d_in d_out <= 2 N (d_in + d_out) or 2 N^2 >= d_in d_out, else ghost: the
+        # MLP's up kernel (8 x 32) is ghost at 3 positions (256 > 240), materialised at 6 (256 <= 480).
         m = setup("mlp")
         key = "['up']['kernel'].value"
-        assert m.ghost.paths(m.params, m.rows(), jnp.ones(BATCH))[key] == "ghost"
-        assert m.ghost.paths(m.params, m.rows(seq=12), jnp.ones(BATCH))[key] == "materialised"
+        assert m.ghost.paths(m.params, m.rows(seq=3), jnp.ones(BATCH))[key] == "ghost"
+        assert m.ghost.paths(m.params, m.rows(seq=6), jnp.ones(BATCH))[key] == "materialised"
+        fast, slow = m.both(m.rows(seq=3))  # the ghost norms are exact too
+        np.testing.assert_allclose(fast.norms, slow.norms, rtol=RTOL)
+        assert_close(fast.grads, slow.grads)
 
     @parameterized.named_parameters(("tied_and_reused", "tied"), ("unknown_cell_in_a_scan", "simple_rnn"))
     def test_parameters_used_outside_a_tap_fall_back_exactly(self, name):
@@ -320,12 +347,17 @@ class SensitivityTest(parameterized.TestCase):
 class StructureAndErrorsTest(parameterized.TestCase):
     def test_compiled_step_has_no_conditional_and_no_per_example_kernels(self):
         m = setup("lstm")
-        args = (m.params, m.rows(), jnp.ones(BATCH), jnp.ones(BATCH, bool), jnp.float32(1.0))
+        rows = m.rows(seq=3)  # 3 positions: the hidden kernels (8 x 32 together) take ghost norms
+        assert (
+            m.ghost.paths(m.params, rows, jnp.ones(BATCH))["['rnn']['cell']['hi']['kernel'].value"] == "ghost"
+        )
+        args = (m.params, rows, jnp.ones(BATCH), jnp.ones(BATCH, bool), jnp.float32(1.0))
         fast = m.jit_ghost.lower(*args)
         assert not NO_BRANCH.search(fast.as_text()) and not NO_BRANCH.search(fast.compile().as_text())
-        hidden_kernel = "f32[5,8,8]"  # a per-example gradient of one of the LSTMCell's hidden kernels
-        assert hidden_kernel in m.jit_vmapped.lower(*args).compile().as_text()
-        assert hidden_kernel not in fast.compile().as_text()
+        # Per-example gradients of the LSTMCell's hidden kernels: one gate's, or the four together.
+        assert "f32[5,8,8]" in m.jit_vmapped.lower(*args).compile().as_text()
+        compiled = fast.compile().as_text()
+        assert "f32[5,8,8]" not in compiled and "f32[5,8,32]" not in compiled
 
     def test_bad_arguments(self):
         m = setup("mlp")
