@@ -167,11 +167,18 @@ def test_no_host_callback(compiled_case):
     assert not found, f"{name}: the compiled step calls the host ({sorted(set(found))})"
 
 
+# Per-example gradients may hold NaN/inf rows, which must add exactly zero: 0 * NaN is NaN,
+# so the weighted row sum takes a masked copy of them (`where(row_ok, x, 0)`; XLA:CPU
+# writes a dot's operand out). The issue allows such a mask at the cost of one pass; the
+# bound is that one copy and nothing more (DESIGN's 5% for everything else).
+MASKED_COPY = {"dp_aggregate_per_example", "dp_adaptive_aggregate_per_example"}
+
+
 def test_temp_beyond_adam(compiled_case, baselines):
     name, grads, dp, (_, _, temp) = compiled_case
     grad_bytes = sum(4 * x.size for x in jax.tree.leaves(grads))  # float32 bytes of the input it reads
     base = baselines[dp][2]
-    extra = temp - base
+    extra = temp - base - (grad_bytes if name in MASKED_COPY else 0)
     assert extra <= TEMP_FRACTION * grad_bytes, (
         f"{name}: XLA temp {temp} B is {extra} B beyond {'noised ' if dp else ''}adam's {base} B, "
         f"{extra / grad_bytes:.1%} of the {grad_bytes} gradient bytes (<= {TEMP_FRACTION:.0%})"
