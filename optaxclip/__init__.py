@@ -26,10 +26,10 @@ from ._dp import DPAggregateState as DPAggregateState
 from ._dp import adaptive_noise_multipliers as adaptive_noise_multipliers
 from ._dp import dp_adaptive_aggregate as dp_adaptive_aggregate
 from ._dp import dp_aggregate as dp_aggregate
+from ._ghost import ghost_clipped_grad_sum as ghost_clipped_grad_sum
 from ._loss_scale import DynamicLossScaleState as DynamicLossScaleState
 from ._loss_scale import dynamic_loss_scale as dynamic_loss_scale
 from ._loss_scale import loss_scale as loss_scale
-from ._ghost import ghost_clipped_grad_sum as ghost_clipped_grad_sum
 from ._norms import global_norm as global_norm
 from ._per_example import ClippedGradSum as ClippedGradSum
 from ._per_example import clipped_grad_sum as clipped_grad_sum

@@ -219,15 +219,10 @@ def _clip_and_sum(leaves: list, norms: jax.Array, real: jax.Array, clip: jax.Arr
     return [weighted(g, f) for g, f in zip(leaves, factors, strict=True)]
 
 
-def _leaf_sq_norms(leaves: list) -> list:
-    """Each leaf's per-example squared norm, float32 `[B]` (a NaN/inf row gives NaN/inf)."""
-    return [jnp.sum(jnp.square(x.astype(F32)).reshape(x.shape[0], -1), axis=1) for x in leaves]
-
-
 def _layer_bounds(fn: str, l2_norm_clip, tree) -> list | None:
     """Per-leaf clip bounds from a pytree or a `(path, leaf) -> bound` callable; None for a scalar clip."""
     if not callable(l2_norm_clip) and jax.tree_util.treedef_is_leaf(jax.tree.structure(l2_norm_clip)):
-        _checks.positive(fn, "l2_norm_clip", l2_norm_clip)
+        _checks.positive_finite(fn, "l2_norm_clip", l2_norm_clip)
         return None
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     if callable(l2_norm_clip):
@@ -242,7 +237,7 @@ def _layer_bounds(fn: str, l2_norm_clip, tree) -> list | None:
             )
         bounds = jax.tree.leaves(l2_norm_clip)
     for (path, _), b in zip(leaves, bounds, strict=True):
-        _checks.positive(fn, f"l2_norm_clip{jax.tree_util.keystr(path)}", b)
+        _checks.positive_finite(fn, f"l2_norm_clip{jax.tree_util.keystr(path)}", b)
     return [jnp.asarray(b, F32) for b in bounds]
 
 
@@ -331,10 +326,10 @@ def clipped_grad_sum(
         out = grads_of(*args)
         grads, aux = out if has_aux else (out, None)
         leaves, treedef = jax.tree.flatten(grads)
-        if bounds is None:
-            norms, factors = _norms.batch_global_norms(grads), None
-        else:
-            norms, factors = clip_factors(_leaf_sq_norms(leaves), bounds, clip)
+        norms, factors = _norms.batch_global_norms(grads), None
+        if bounds is not None:  # each leaf's own per-example norm against its own bound
+            rows = _norms.unit_norms(leaves, [tuple(range(1, x.ndim)) for x in leaves])
+            factors = [_norms.scale_factor(n.reshape(-1), b) for n, b in zip(rows, bounds, strict=True)]
         return treedef.unflatten(_clip_and_sum(leaves, norms, mask, clip, factors)), norms, aux
 
     def run(*args, l2_norm_clip, mask=None):

@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import _checks
@@ -266,11 +268,19 @@ def noise_multiplier_for(
       >>> print(f"{nm:.2f} {privacy.epsilon(nm, 0.1, 10, 1e-5, **truncated):.3f}")
       5.45 0.300
     """
-    import dp_accounting
-
     _checks.positive("noise_multiplier_for", "target_epsilon", target_epsilon)
     _check("noise_multiplier_for", None, sampling_rate, steps, delta, accountant)
     _check_truncation("noise_multiplier_for", truncated_batch_size, num_examples, accountant)
+    return _calibrate(
+        target_epsilon, sampling_rate, steps, delta, accountant, truncated_batch_size, num_examples
+    )
+
+
+# A calibration is a pure function of its arguments and takes seconds (many PLD evaluations).
+@functools.lru_cache(maxsize=32)
+def _calibrate(target_epsilon, sampling_rate, steps, delta, accountant, truncated_batch_size, num_examples):
+    import dp_accounting
+
     truncation = {"truncated_batch_size": truncated_batch_size, "num_examples": num_examples}
     make_event = lambda nm: dp_event(nm, sampling_rate, steps, **truncation)
     if truncated_batch_size is None:

@@ -126,7 +126,9 @@ class AdaptiveClipTest(chex.TestCase):
         m = optaxclip.metrics(optax.chain(optax.identity()).init(None) + (state,))
         assert int(m["finite_norm_count"]) == 3
         # The window holds 1, 2, 3: its 0.9 quantile (linear interpolation) is 2.8.
-        np.testing.assert_allclose(float(m["quantile_estimate"]), np.quantile([1.0, 2.0, 3.0], 0.9), rtol=1e-6)
+        np.testing.assert_allclose(
+            float(m["quantile_estimate"]), np.quantile([1.0, 2.0, 3.0], 0.9), rtol=1e-6
+        )
 
     def test_bad_arguments(self):
         bad = [

@@ -202,7 +202,6 @@ class ClipByValueTest(chex.TestCase):
         with pytest.raises(ValueError, match=r"`max_value` must be a finite.*max_value=nan"):
             optaxclip.clip_by_value(float("nan"))
 
-
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(("tree", "tree"), ("callable", "callable"))
     def test_per_layer_bounds_match_reference(self, kind):

@@ -211,7 +211,8 @@ class DPAdaptiveAggregateTest(chex.TestCase):
         assert float(state.stats.threshold) == pytest.approx(0.7)
         # Noise-free count: the unclipped fraction b = sum(1[n_i <= C] - 1/2) / 64 + 1/2 over
         # the 8 examples, then C * exp(-0.2 * (b - 0.5)) (Andrew et al. 2021).
-        norms = np.sqrt(sum(np.sum(np.asarray(x, np.float64).reshape(8, -1) ** 2, 1) for x in jax.tree.leaves(tree)))
+        leaves = [np.asarray(x, np.float64).reshape(8, -1) for x in jax.tree.leaves(tree)]
+        norms = np.sqrt(sum(np.sum(x**2, 1) for x in leaves))
         b = np.sum(np.where(norms <= 0.7, 0.5, -0.5)) / 64 + 0.5
         np.testing.assert_allclose(float(state.noised_unclipped_fraction), b, rtol=1e-6)
         np.testing.assert_allclose(float(state.l2_norm_clip), 0.7 * np.exp(-0.2 * (b - 0.5)), rtol=1e-6)

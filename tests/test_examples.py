@@ -58,7 +58,7 @@ def test_demo_writes_csv_png_table_and_diagnosis(tmp_path, capsys):
 
 
 def test_demo_default_task_spikes_unclipped_and_trains_clipped():
-    """The real default settings (seed 0, 300 steps, all six configurations: about 45 s).
+    """The real default settings (seed 0, 300 steps, six configurations: about 45 s).
 
     Seed 0 measured: the unclipped loss rose 25 nats above its best and ended
     at 3.83; the clipped runs rose at most 4.7 nats and ended at 1.49-1.64.
@@ -67,7 +67,9 @@ def test_demo_default_task_spikes_unclipped_and_trains_clipped():
     demo = load("lstm_exploding")
     args = demo.parse_args(["--no-progress"])
     data = demo.stdlib_corpus()
-    runs = {name: demo.train(name, demo.CONFIGS[name](), args, data, progress=False) for name in demo.CONFIGS}
+    # The original configurations (adagc and layer_value have their own tests); each is ~6 s.
+    names = ("none", "global_norm", "value", "agc", "adaptive", "zscore")
+    runs = {name: demo.train(name, demo.CONFIGS[name](), args, data, progress=False) for name in names}
     none = runs.pop("none")
     assert none["first_nonfinite"] is not None or none["max_rise"] > 10.0, none["max_rise"]
     for name, r in runs.items():
@@ -157,7 +159,9 @@ def test_dp_example_reports_epsilon_next_to_a_non_private_run(capsys, adaptive):
 
     dp = load("dp_lstm")
     argv = ["--steps", "3", "--batch", "8", "--microbatch", "4", "--seq-len", "8", "--hidden", "8"]
-    argv += ["--train-examples", "200", "--epsilon", "4", "--no-progress"] + (
+    # The adaptive count query needs noise_multiplier < 2 * batch / 20 (0.8 here): a looser target.
+    target = 4.0 if adaptive else 1.0
+    argv += ["--train-examples", "200", "--epsilon", str(target), "--no-progress"] + (
         ["--adaptive"] if adaptive else []
     )
     runs = dp.main(argv)
@@ -165,10 +169,15 @@ def test_dp_example_reports_epsilon_next_to_a_non_private_run(capsys, adaptive):
     assert [r["name"] for r in runs] == ["non-private", "DP-SGD"]
     assert all(math.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in runs)
     nm = float(text.split("noise multiplier ")[1].split()[0])
+    # The run's epsilon accounts for the sampler's truncation to the padded batch (24 of 200).
+    truncated = {"truncated_batch_size": dp.padded_size(dp.parse_args(argv)), "num_examples": 200}
     expected = (
-        privacy.adaptive_epsilon(nm, 0.04, 3, 1e-5, 8) if adaptive else privacy.epsilon(nm, 0.04, 3, 1e-5)
+        privacy.adaptive_epsilon(nm, 0.04, 3, 1e-5, 8, **truncated)
+        if adaptive
+        else privacy.epsilon(nm, 0.04, 3, 1e-5, **truncated)
     )
-    assert runs[1]["epsilon"] == pytest.approx(expected, rel=1e-2) and runs[1]["epsilon"] <= 4.0 + 1e-6
+    # (nm is read back rounded to 3 digits, hence the tolerance.)
+    assert runs[1]["epsilon"] == pytest.approx(expected, rel=1e-2) and runs[1]["epsilon"] <= target * 1.01
     assert f"epsilon = {runs[1]['epsilon']:.3f}" in text
     # The fast (ghost) path is the default, and its speed is printed next to the vmap path's.
     assert "DP-SGD (ghost path)" in text and "this run used the ghost path" in text

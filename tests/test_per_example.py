@@ -267,6 +267,11 @@ class PerLayerClipTest(chex.TestCase):
             fn(params, xs, ys, l2_norm_clip={"w1": 1.0})
         with pytest.raises(ValueError, match=r"`l2_norm_clip\['w2'\]` must be > 0"):
             fn(params, xs, ys, l2_norm_clip=lambda path, leaf: -1.0 if path[0].key == "w2" else 1.0)
+        # An infinite clip norm would make the noise std infinite (inf / inf downstream).
+        with pytest.raises(ValueError, match=r"clipped_grad_sum: `l2_norm_clip` must be a finite.*=inf"):
+            fn(params, xs, ys, l2_norm_clip=float("inf"))
+        with pytest.raises(ValueError, match=r"`l2_norm_clip\['w1'\]` must be a finite.*=inf"):
+            fn(params, xs, ys, l2_norm_clip={"w1": float("inf"), "b1": 1.0, "w2": 1.0})
 
 
 def test_per_example_grads_and_clipped_sum_under_shard_map_equal_one_device():
