@@ -21,7 +21,7 @@ demo: $(VENV)/.installed-examples
 test: $(VENV)/.installed-dev,examples,dp
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 # Bad-input cases side by side: optax's output and optaxclip's.
 compare: $(VENV)/.installed-dev

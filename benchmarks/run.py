@@ -74,6 +74,10 @@ def _version(module: str) -> str | None:
     return getattr(__import__(module), "__version__", "?")
 
 
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def markdown(meta: dict, update_rows, dp_rows, checks, reported) -> str:
     out = [
         f"Machine: {meta['machine']}; jax {meta['jax']}, optax {meta['optax']}, "
@@ -100,7 +104,7 @@ def markdown(meta: dict, update_rows, dp_rows, checks, reported) -> str:
         for r in dp_rows:
             out.append(
                 f"| {r['hidden']} | {r['batch']} | {r['params']:,} | {r['variant']} | {r['median_ms']:.1f} "
-                f"| {r['vs_nonprivate']:.2f} | {r['vs_jax_privacy']:.3f} | {r['temp_MiB']:.1f} |"
+                f"| {r['vs_nonprivate']:.2f} | {_ratio(r['vs_jax_privacy'])} | {r['temp_MiB']:.1f} |"
             )
     if meta["skipped"]:
         out += ["", f"Skipped (past the time budget): {'; '.join(meta['skipped'])}."]
@@ -253,6 +257,8 @@ def main(argv=None) -> int:
                 label = f"update step, {jnp.dtype(dtype).name}, {size:.2g} params, vmap{STATES}"
                 parts.append((label, size, dtype, STATES))
     parts += [(f"DP step, hidden {h}, batch {b}", h, b, None) for h, b in plan["dp"]]
+    if plan["dp"]:  # the Dense-over-sequence model of the fast DP path's target
+        parts.append(("DP step, Dense-over-sequence model", None, None, "dense"))
     for label, a, b, states in parts:
         if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
             print(f"{label}: skipped (past the {args.budget_s:.0f} s budget)", flush=True)
@@ -260,10 +266,13 @@ def main(argv=None) -> int:
             continue
         print(f"{label} ...", flush=True)
         t_part = time.perf_counter()
-        if states is None:
+        if states in (None, "dense"):
             import dp_step
 
-            dp_rows += dp_step.bench(a, b, *plan["dp_timing"])
+            if states == "dense":
+                dp_rows += dp_step.bench_dense(*plan["dp_timing"])
+            else:
+                dp_rows += dp_step.bench(a, b, *plan["dp_timing"])
         else:
             timing = plan["vmap_timing"] if states else plan["update"]
             update_rows += update_step.bench(a, b, *timing, states=states)

@@ -58,7 +58,7 @@ def test_demo_writes_csv_png_table_and_diagnosis(tmp_path, capsys):
 
 
 def test_demo_default_task_spikes_unclipped_and_trains_clipped():
-    """The real default settings (seed 0, 300 steps, six configurations: about 45 s).
+    """The real default settings (seed 0, 300 steps, five configurations: about 50 s).
 
     Seed 0 measured: the unclipped loss rose 25 nats above its best and ended
     at 3.83; the clipped runs rose at most 4.7 nats and ended at 1.49-1.64.
@@ -67,8 +67,9 @@ def test_demo_default_task_spikes_unclipped_and_trains_clipped():
     demo = load("lstm_exploding")
     args = demo.parse_args(["--no-progress"])
     data = demo.stdlib_corpus()
-    # The original configurations (adagc and layer_value have their own tests); each is ~6 s.
-    names = ("none", "global_norm", "value", "agc", "adaptive", "zscore")
+    # Five of the configurations (agc, adagc and layer_value run in the other demo tests and
+    # demo_seeds.py); each is ~10 s.
+    names = ("none", "global_norm", "value", "adaptive", "zscore")
     runs = {name: demo.train(name, demo.CONFIGS[name](), args, data, progress=False) for name in names}
     none = runs.pop("none")
     assert none["first_nonfinite"] is not None or none["max_rise"] > 10.0, none["max_rise"]
