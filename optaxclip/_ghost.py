@@ -407,7 +407,8 @@ def ghost_clipped_grad_sum(
       non-finite and dropped (the add/remove sensitivity stays the clip
       norm). Inside `shard_map` with replicated params, as `per_example_grads`.
       The result equals `clipped_grad_sum`'s to float32 rounding (sums are
-      taken in another order).
+      taken in another order). Call it inside `jax.jit`: each eager call
+      traces the model again to find the layers and plan their paths.
 
     References:
       Li et al., Large Language Models Can Be Strong Differentially Private
