@@ -24,6 +24,8 @@ seq 128, width 256, batch 64). Run through `benchmarks/run.py`, or alone:
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -38,18 +40,14 @@ VOCAB, SEQ, CLIP, NOISE, MICRO = 64, 64, 1.0, 1.1, 16
 DENSE_SEQ, DENSE_WIDTH, DENSE_BATCH = 128, 256, 64
 
 
-class CharLSTM(nnx.Module):
-    """The demo's model (`examples/lstm_exploding.py`): Embed -> `nnx.RNN(nnx.LSTMCell)` -> Linear."""
-
-    def __init__(self, hidden: int, *, rngs: nnx.Rngs, embed: int = 32, vocab: int = VOCAB):
-        self.embed = nnx.Embed(vocab, embed, rngs=rngs)
-        self.rnn = nnx.RNN(nnx.LSTMCell(embed, hidden, rngs=rngs))
-        self.head = nnx.Linear(hidden, vocab, rngs=rngs)
-        self.hidden = hidden
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        zeros = jnp.zeros((tokens.shape[0], self.hidden))
-        return self.head(self.rnn(self.embed(tokens), initial_carry=(zeros, zeros)))
+# The demo's model (Embed -> `nnx.RNN(nnx.LSTMCell)` -> Linear), loaded from its file: the
+# demo is a script, not a package, and the import path stays as it is.
+_spec = importlib.util.spec_from_file_location(
+    "lstm_exploding", pathlib.Path(__file__).resolve().parent.parent / "examples" / "lstm_exploding.py"
+)
+_demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_demo)
+CharLSTM = _demo.CharLSTM
 
 
 class DenseLM(nnx.Module):

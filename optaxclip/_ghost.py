@@ -401,7 +401,7 @@ def ghost_clipped_grad_sum(
     Edge cases:
       Padded rows (`mask`) add exactly zero; an example with a NaN/inf
       anywhere in its loss or gradient adds exactly zero (branch-free
-      masks, no `lax.cond`) and keeps a non-finite entry in `norms`, which
+      masks, no data-dependent branch) and keeps a non-finite entry in `norms`, which
       `dp_aggregate` counts. Per-example squared norms are float32: an
       example whose gradient norm exceeds about 1.8e19 is counted as
       non-finite and dropped (the add/remove sensitivity stays the clip

@@ -5,7 +5,7 @@ taken in the same pass over the data: the plain sum of squares and the sum
 of squares of the values scaled by `2**-64` (exact: a power of two). The
 plain sum is used where it is finite; where it overflowed (finite values
 around 1e19 and up) the scaled one is, and its root is scaled back, so a
-1e30 gradient has the finite, correct norm 1e30. No `lax.cond` and no
+1e30 gradient has the finite, correct norm 1e30. No conditional and no
 select between two versions of the data: under `jax.vmap` and on every
 backend the cost is one read of the data with two accumulators, which XLA
 fuses into one reduction loop on GPU and TPU.
