@@ -114,3 +114,27 @@ def prng_key(fn: str, name: str, key: Any) -> None:
         f"{fn}: `{name}` must be a PRNG key from jax.random.key(seed) (or a legacy "
         f"jax.random.PRNGKey(seed)), got {name}={shown}."
     )
+
+
+def dp_leaf_dtypes(fn: str, name: str, tree: Any, *, allow_float0: bool) -> None:
+    """Raises unless every leaf of `tree` is floating point (or, if allowed, `float0`).
+
+    A DP release must clip and noise every leaf it releases: Gaussian noise
+    cannot be represented in an integer or bool leaf (rounding it away would
+    release the leaf's sum unnoised), so such leaves are refused, naming
+    their paths and dtypes. `float0` leaves (`jax.grad(..., allow_int=True)`
+    for integer params) hold no data and are released as they are.
+    """
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.floating) or (allow_float0 and dtype == jax.dtypes.float0):
+            continue
+        bad.append(f"{name}{jax.tree_util.keystr(path)}: {dtype}")
+    if bad:
+        raise ValueError(
+            f"{fn}: every leaf of `{name}` must be floating point, because a differentially private "
+            f"release must clip and noise every leaf and Gaussian noise cannot be represented in an "
+            f"integer or bool leaf; got {', '.join(bad)}. Differentiate only the float parameters "
+            f"(split the others off, e.g. nnx.split(model, nnx.Param, ...)), or drop the leaf."
+        )

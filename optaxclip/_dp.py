@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import _checks, _norms, _stats
@@ -64,29 +65,46 @@ def _check_batch_axis(fn: str, updates, params) -> None:
         )
 
 
+def _is_float0(x) -> bool:
+    return jnp.result_type(x) == jax.dtypes.float0
+
+
 def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, axis_name):
     """Clip (unless already), sum, psum, add noise, normalize, record: the shared DP step.
 
     Returns `(released, stats, norms, real, dropped)`. The stats' threshold
     is the clip norm actually applied (a `ClippedGradSum`'s own, if larger).
+    Every released leaf is floating point and noised; `float0` leaves (no
+    data) are released as `float0` zeros; integer/bool leaves are refused.
     """
     if isinstance(updates, ClippedGradSum):
+        _checks.dp_leaf_dtypes(fn, "updates.grads", updates.grads, allow_float0=True)
         leaves, treedef = jax.tree.flatten(updates.grads)
         norms, real = updates.norms, updates.mask
         if mask is not None:
             raise ValueError(f"{fn}: pass `mask` to `clipped_grad_sum`, not to `update`, got mask={mask!r}.")
-        sums = leaves
+        data = [i for i, x in enumerate(leaves) if not _is_float0(x)]
+        sums = [leaves[i] for i in data]
         # The sum's sensitivity is its own clip norm: noise for the larger of the two.
         std = std * jnp.maximum(updates.l2_norm_clip / clip, 1.0)
         clip = updates.l2_norm_clip
         like = jax.tree.leaves(params) if params is not None else leaves
+        if len(like) != len(leaves):
+            raise ValueError(
+                f"{fn}: `params` must have the structure of the clipped sum's grads, got "
+                f"{jax.tree.structure(params)} for grads {treedef}."
+            )
+        shapes = [jnp.shape(x) for x in leaves]
     else:
+        _checks.dp_leaf_dtypes(fn, "updates", updates, allow_float0=True)
         leaves, treedef = jax.tree.flatten(updates)
         _check_batch_axis(fn, updates, params)
         norms = _norms.batch_global_norms(updates)
         real = _row_mask(mask, norms.shape[0])
-        sums = _clip_and_sum(leaves, norms, real, clip)
+        data = [i for i, x in enumerate(leaves) if not _is_float0(x)]
+        sums = _clip_and_sum([leaves[i] for i in data], norms, real, clip)
         like = leaves
+        shapes = [jnp.shape(x)[1:] for x in leaves]
     finite = jnp.isfinite(norms)
     n_real = jnp.sum(real & finite).astype(F32)
     dropped = jnp.sum(real & ~finite).astype(jnp.int32)
@@ -97,10 +115,13 @@ def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, ax
         dropped = jax.lax.psum(dropped, axis_name)
         clipped_any = jax.lax.psum(clipped_any.astype(jnp.int32), axis_name) > 0
     denom = jnp.maximum(n_real, 1.0) if denom is None else jnp.asarray(denom, F32)
-    out = []
-    for i, (ref, s) in enumerate(zip(like, sums, strict=True)):
+    out = [np.zeros(shape, jax.dtypes.float0) for shape in shapes]
+    for i, s in zip(data, sums, strict=True):
+        # Noise drawn and added in float32 whatever the leaf dtype (a bfloat16 draw would be coarse).
         noise = jax.random.normal(jax.random.fold_in(noise_key, i), s.shape, F32)
-        out.append(((s + std * noise) / denom).astype(ref.dtype))
+        dtype = jnp.result_type(like[i])
+        dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else F32
+        out[i] = ((s.astype(F32) + std * noise) / denom).astype(dtype)
     released = treedef.unflatten(out)
     stats = _stats.record(
         stats,
@@ -157,6 +178,17 @@ def dp_aggregate(
     Edge cases:
       A `ClippedGradSum` clipped with a larger norm than `l2_norm_clip` gets
       noise for its own (larger) norm, so the guarantee never weakens.
+      Every released leaf is inside the sensitivity bound: each floating
+      leaf (bfloat16 to float64) counts in the per-example norm and gets
+      noise drawn and added in float32, then is cast to its dtype (a
+      float16 output saturates to inf beyond 65504, as any float16 value
+      does). Integer and bool leaves raise a `ValueError` naming their
+      paths and dtypes: Gaussian noise cannot be represented in them, so
+      they could only be released unnoised (a privacy leak) or dropped
+      (silently losing them), and `jax.grad` never produces them. `float0`
+      leaves (`jax.grad(..., allow_int=True)` for integer params) hold no
+      data and are released as `float0`. Norms are float32: a float64
+      example beyond float32's range counts as non-finite and adds zero.
 
     Example:
       >>> import jax, jax.numpy as jnp, optaxclip
@@ -308,6 +340,11 @@ def dp_adaptive_aggregate(
       `DPAdaptiveAggregateState`; `metrics()` reports the private
       `l2_norm_clip` and `noised_unclipped_fraction`. With
       `clipped_grad_sum`, pass it `l2_norm_clip=state.l2_norm_clip`.
+
+    Edge cases:
+      As `dp_aggregate`: every floating leaf is clipped and noised in
+      float32; integer and bool leaves are refused (naming their paths and
+      dtypes); `float0` leaves are released as `float0`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optaxclip

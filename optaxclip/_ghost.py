@@ -32,6 +32,7 @@ from ._per_example import (
     ClippedGradSum,
     _batch_size,
     _check_argnums,
+    _check_wrt_dtypes,
     _layer_bounds,
     _row_mask,
     _vary_like_batch,
@@ -406,6 +407,8 @@ def ghost_clipped_grad_sum(
       example whose gradient norm exceeds about 1.8e19 is counted as
       non-finite and dropped (the add/remove sensitivity stays the clip
       norm). Inside `shard_map` with replicated params, as `per_example_grads`.
+      Integer and bool parameter leaves are refused (a `ValueError` naming
+      their paths and dtypes), as in `clipped_grad_sum`.
       The result equals `clipped_grad_sum`'s to float32 rounding (sums are
       taken in another order). Call it inside `jax.jit`: each eager call
       traces the model again to find the layers and plan their paths.
@@ -505,6 +508,7 @@ def ghost_clipped_grad_sum(
 
     def run(*args, l2_norm_clip, mask=None):
         batch = _batch_size(fn, args, batch_argnums)
+        _check_wrt_dtypes(fn, args, (argnums,))
         args = _vary_like_batch(args, (argnums,), batch_argnums)
         leaves, treedef = jax.tree.flatten(args[argnums])
         bounds = _layer_bounds(fn, l2_norm_clip, args[argnums])

@@ -17,7 +17,8 @@ about 1e-19) flush to zero on CPU and GPU, so a norm below about 1e-19
 reads as 0; such a gradient is left unscaled by every clip, which is
 harmless. Integer, bool and `float0` leaves (a step counter in the params,
 `jax.grad(..., allow_int=True)`) are not gradients: `float_leaves` leaves
-them out of every norm and the transforms pass them through untouched.
+them out of every norm and the clips pass them through untouched (the DP
+entry points refuse integer and bool leaves instead: see `dp_aggregate`).
 """
 
 from __future__ import annotations

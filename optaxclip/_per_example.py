@@ -63,6 +63,17 @@ def _batch_size(fn: str, args: tuple, batch_argnums: tuple[int, ...]) -> int:
     return next(iter(sizes.values()))
 
 
+def _check_wrt_dtypes(fn: str, args: tuple, argnums: tuple[int, ...]) -> None:
+    """Refuses integer/bool leaves in the differentiated arguments, naming their paths and dtypes.
+
+    Their gradient could not be clipped and noised (see `dp_aggregate`); JAX's
+    own error would not say which leaf.
+    """
+    for i in argnums:
+        if i < len(args):
+            _checks.dp_leaf_dtypes(fn, f"argument {i}", args[i], allow_float0=False)
+
+
 def _varying_axes(x) -> frozenset:
     """The shard_map mesh axes `x` varies over (empty outside shard_map or with check_vma=False)."""
     aval = jax.typeof(x)
@@ -130,7 +141,9 @@ def per_example_grads(
       example's gradient (JAX would otherwise sum the gradient of an
       unvarying argument over the mesh axis: one example per device). A
       `ValueError` names `argnums` / `batch_argnums` when they overlap or are
-      empty, and the batched arguments when their leading sizes differ.
+      empty, and the batched arguments when their leading sizes differ, and
+      an integer or bool leaf of the differentiated arguments by its path and
+      dtype (JAX's own error does not say which leaf).
 
     Example:
       >>> import jax.numpy as jnp, optaxclip
@@ -155,6 +168,7 @@ def _per_example_grads(fn, loss_fn, argnums, batch_argnums, has_aux, microbatch_
 
     def batched(*args):
         _batch_size(fn, args, batch_argnums)
+        _check_wrt_dtypes(fn, args, wrt)
         args = _vary_like_batch(args, wrt, batch_argnums)
         in_axes = tuple(0 if i in batch_argnums else None for i in range(len(args)))
         vgrad = jax.vmap(grad_fn, in_axes=in_axes)
@@ -311,6 +325,11 @@ def clipped_grad_sum(
       A non-finite example (NaN/inf anywhere in its gradient) adds exactly
       zero and keeps a non-finite entry in `norms` (dp_aggregate counts it).
       Inside `shard_map` with replicated params, as `per_example_grads`.
+      Every leaf of the differentiated arguments must be floating point
+      (bfloat16 to float64; each counts in the per-example norm): an
+      integer or bool leaf raises a `ValueError` naming its path and dtype,
+      since its gradient could not be clipped and noised (split such
+      leaves off the params).
 
     References:
       Abadi et al., Deep Learning with Differential Privacy, 2016.
@@ -334,6 +353,7 @@ def clipped_grad_sum(
 
     def run(*args, l2_norm_clip, mask=None):
         batch = _batch_size(fn, args, batch_argnums)
+        _check_wrt_dtypes(fn, args, wrt_nums)
         args = _vary_like_batch(args, wrt_nums, batch_argnums)
         wrt = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
         bounds = _layer_bounds(fn, l2_norm_clip, wrt)

@@ -7,7 +7,15 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import parameterized
-from conftest import strict
+from conftest import (
+    DP_FLOAT_DTYPES,
+    DP_REFUSED_DTYPES,
+    dtype_scope,
+    extreme_value,
+    refused_message,
+    release_gap,
+    strict,
+)
 
 import optaxclip
 
@@ -175,6 +183,66 @@ def _loss(w, x):
 
 
 # --- dp_adaptive_aggregate --------------------------------------------------------------
+
+
+def _released_sum(entry, tree):
+    """The un-normalised, noise-free release of `tree` by one of the two DP aggregators (clip 1)."""
+    if entry == "dp_aggregate":
+        tx = optaxclip.dp_aggregate(1.0, 0.0, jax.random.key(0), expected_batch_size=1)
+    else:
+        tx = optaxclip.dp_adaptive_aggregate(
+            1.0, 0.0, jax.random.key(0), expected_batch_size=1, clipped_count_stddev=1e-6
+        )
+    return jax.jit(tx.update)(tree, tx.init(None))
+
+
+def _dtype_batch(dtype, extreme=False):
+    """Three small examples with an `x` leaf of `dtype`; `extreme` appends one huge example."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 3)) * 1e-2
+    x = rng.normal(size=(3, 2)) * 1e-2
+    if extreme:
+        w = np.concatenate([w, np.zeros((1, 3))])
+        x = np.concatenate([x, np.full((1, 2), extreme_value(dtype))])
+    return {"w": jnp.asarray(w, jnp.float32), "x": jnp.asarray(x, dtype)}
+
+
+class DTypeRuleTest(parameterized.TestCase):
+    """Issue 20: every released leaf is inside the sensitivity bound, whatever its dtype."""
+
+    @parameterized.product(entry=("dp_aggregate", "dp_adaptive_aggregate"), dtype=DP_FLOAT_DTYPES)
+    def test_one_extreme_example_moves_the_release_by_at_most_the_clip_norm(self, entry, dtype):
+        with dtype_scope(dtype):
+            a, _ = _released_sum(entry, _dtype_batch(dtype))
+            b, state = _released_sum(entry, _dtype_batch(dtype, extreme=True))
+            assert a["x"].dtype == jnp.dtype(dtype) and b["x"].dtype == jnp.dtype(dtype)
+            gap = release_gap(a, b)
+        tol = 1e-2 if dtype in ("bfloat16", "float16") else 1e-5
+        # The extreme example counts in the norm: it is clipped to the clip norm 1, not dropped.
+        assert 1 - tol <= gap <= 1 + tol, gap
+        assert bool(state.stats.clipped) and int(state.nonfinite_example_count) == 0
+
+    @parameterized.product(entry=("dp_aggregate", "dp_adaptive_aggregate"), dtype=DP_REFUSED_DTYPES)
+    def test_integer_and_bool_leaves_are_refused_by_path_and_dtype(self, entry, dtype):
+        tree = {"w": jnp.ones((3, 3)), "x": jnp.asarray(np.full((3, 2), 100), dtype)}
+        with pytest.raises(ValueError, match=refused_message("updates['x']", dtype)):
+            _released_sum(entry, tree)
+
+    def test_float0_leaves_are_released_as_float0(self):
+        tree = {"w": jnp.ones((3, 2)), "step": np.zeros((3, 4), jax.dtypes.float0)}
+        out, _ = _released_sum("dp_aggregate", tree)
+        assert out["step"].dtype == jax.dtypes.float0 and out["step"].shape == (4,)
+        np.testing.assert_allclose(np.asarray(out["w"]), np.full(2, 3 / np.sqrt(2)), rtol=1e-6)
+
+    @parameterized.parameters("float16", "bfloat16")
+    def test_half_precision_leaves_get_noise_of_the_right_std(self, dtype):
+        clip, nm, denom = 2.0, 1.5, 4
+        zeros = {"h": jnp.zeros((3, 40_000), dtype), "f": jnp.zeros((3, 40_000))}
+        tx = optaxclip.dp_aggregate(clip, nm, jax.random.key(7), expected_batch_size=denom)
+        out, _ = jax.jit(tx.update)(zeros, tx.init(None))
+        assert out["h"].dtype == jnp.dtype(dtype)
+        std = float(np.std(np.asarray(out["h"], np.float64)))
+        assert abs(std / (nm * clip / denom) - 1) < 0.03, std
 
 
 class DPAdaptiveAggregateTest(chex.TestCase):

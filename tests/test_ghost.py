@@ -9,6 +9,16 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import parameterized
+from conftest import (
+    DP_FLOAT_DTYPES,
+    DP_REFUSED_DTYPES,
+    dp_release_of_clipped_sum,
+    dtype_params_and_batch,
+    dtype_scope,
+    extreme_value,
+    refused_message,
+    release_gap,
+)
 
 import optaxclip
 
@@ -385,3 +395,32 @@ def test_exactness_figures_against_the_vmap_path():
         errors[name] = max(max_rel_error(fast.grads, slow.grads), max_rel_error(fast.norms, slow.norms))
     print("max rel error vs vmap path:", errors)
     assert max(errors.values()) < RTOL, errors
+
+
+class DTypeRuleTest(parameterized.TestCase):
+    """Issue 20: any float dtype stays within the clip norm on the fast path; int/bool refused."""
+
+    @parameterized.parameters(*DP_FLOAT_DTYPES)
+    def test_one_extreme_example_moves_the_release_by_at_most_the_clip_norm(self, dtype):
+        with dtype_scope(dtype):
+            a, _ = dp_release_of_clipped_sum(optaxclip.ghost_clipped_grad_sum, dtype)
+            # 1e18: the fast path's per-example squared norms are float32 (documented: an
+            # example whose norm exceeds ~1.8e19 is dropped as non-finite, checked below).
+            huge = min(extreme_value(dtype), 1e18)
+            b, state = dp_release_of_clipped_sum(optaxclip.ghost_clipped_grad_sum, dtype, extreme=huge)
+            c, dropped = dp_release_of_clipped_sum(optaxclip.ghost_clipped_grad_sum, dtype, extreme=1e30)
+            assert b["v"].dtype == jnp.dtype(dtype)
+            gap, gap_dropped = release_gap(a, b), release_gap(a, c)
+        tol = 1e-2 if dtype in ("bfloat16", "float16") else 1e-5
+        assert 1 - tol <= gap <= 1 + tol, gap  # clipped to the clip norm, not dropped
+        assert bool(state.stats.clipped)
+        # A 1e30 example (inf in float16) is dropped and counted: it moves nothing.
+        assert gap_dropped == 0.0 and int(dropped.nonfinite_example_count) == 1
+
+    @parameterized.parameters(*DP_REFUSED_DTYPES)
+    def test_integer_and_bool_params_are_refused_by_path_and_dtype(self, dtype):
+        params, xs = dtype_params_and_batch("float32")
+        params["v"] = params["v"].astype(dtype)
+        f = optaxclip.ghost_clipped_grad_sum(lambda p, x: jnp.sum(p["w"] * x[:3]))
+        with pytest.raises(ValueError, match=refused_message("argument 0['v']", dtype)):
+            f(params, xs, l2_norm_clip=1.0)

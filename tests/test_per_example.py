@@ -13,7 +13,17 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import parameterized
-from conftest import strict
+from conftest import (
+    DP_FLOAT_DTYPES,
+    DP_REFUSED_DTYPES,
+    dp_release_of_clipped_sum,
+    dtype_params_and_batch,
+    dtype_scope,
+    extreme_value,
+    refused_message,
+    release_gap,
+    strict,
+)
 
 import optaxclip
 
@@ -214,6 +224,34 @@ class ClippedGradSumTest(chex.TestCase):
         expected, norms = reference_clipped_sum(per_example, 0.5)
         assert not np.isfinite(float(out.norms[2])) and np.all(np.isfinite(np.asarray(out.norms)[[0, 1, 3]]))
         chex.assert_trees_all_close(out.grads, expected, rtol=1e-5, atol=1e-6)
+
+
+class DTypeRuleTest(parameterized.TestCase):
+    """Issue 20: the clipped sum of any float dtype stays within the clip norm; int/bool refused."""
+
+    @parameterized.parameters(*DP_FLOAT_DTYPES)
+    def test_one_extreme_example_moves_the_release_by_at_most_the_clip_norm(self, dtype):
+        with dtype_scope(dtype):
+            a, _ = dp_release_of_clipped_sum(optaxclip.clipped_grad_sum, dtype)
+            b, state = dp_release_of_clipped_sum(
+                optaxclip.clipped_grad_sum, dtype, extreme=extreme_value(dtype)
+            )
+            assert b["v"].dtype == jnp.dtype(dtype)
+            gap = release_gap(a, b)
+        tol = 1e-2 if dtype in ("bfloat16", "float16") else 1e-5
+        assert 1 - tol <= gap <= 1 + tol, gap  # clipped to the clip norm, not dropped
+        assert bool(state.stats.clipped)
+
+    @parameterized.product(
+        dtype=DP_REFUSED_DTYPES, factory=(optaxclip.clipped_grad_sum, optaxclip.per_example_grads)
+    )
+    def test_integer_and_bool_params_are_refused_by_path_and_dtype(self, dtype, factory):
+        params, xs = dtype_params_and_batch("float32")
+        params["v"] = params["v"].astype(dtype)
+        f = factory(lambda p, x: jnp.sum(p["w"] * x[:3]))
+        kwargs = {"l2_norm_clip": 1.0} if factory is optaxclip.clipped_grad_sum else {}
+        with pytest.raises(ValueError, match=refused_message("argument 0['v']", dtype)):
+            f(params, xs, **kwargs)
 
 
 class PerLayerClipTest(chex.TestCase):
