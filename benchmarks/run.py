@@ -9,7 +9,7 @@ In one process on one machine it runs:
    on float32 and bfloat16 model-shaped trees;
 2. the DP-SGD step on a Flax LSTM against a non-private step, optax.contrib
    and jax_privacy (`dp_step.py`);
-then checks issue 14's targets (each printed PASS/MISS; the untargeted
+then checks issue 20's targets (each printed PASS/MISS; the untargeted
 figures printed as "reported"), and writes `<out>/<name>.json` (every
 measurement and the machine), `<out>/<name>.md` (the tables and the target
 lines) and `<out>/<name>_scaling.png`.
@@ -86,8 +86,8 @@ def markdown(meta: dict, update_rows, dp_rows, checks, reported) -> str:
         "",
         "Update step (update + apply_updates, state and params donated), medians; `single`: one "
         f"optimizer state, `vmap{STATES}`: the step vmapped over {STATES} stacked states. `over floor`: "
-        "(t - t_floor) / t_adam (target <= +0.05 from 1e6 parameters); `vs optax`: ratio to the "
-        "optax counterpart with the same reads.",
+        "(t - t_floor) / t_adam, in the same mode (target <= +0.05, value clip +0.1, from 1e6 "
+        "parameters); `vs optax`: ratio to the optax counterpart with the same reads.",
         "",
         *update_step.table(update_rows),
     ]

@@ -13,6 +13,7 @@ from ._adaptive import adaptive_clip as adaptive_clip
 from ._adaptive import zscore_clip as zscore_clip
 from ._agc import adaptive_grad_clip as adaptive_grad_clip
 from ._agc import flax_unit_axes as flax_unit_axes
+from ._basic import ClipByValueState as ClipByValueState
 from ._basic import clip_by_global_norm as clip_by_global_norm
 from ._basic import clip_by_leaf_norm as clip_by_leaf_norm
 from ._basic import clip_by_value as clip_by_value
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaGCClipState",
     "AdaptiveClipState",
+    "ClipByValueState",
     "ClipStats",
     "ClippedGradSum",
     "DPAdaptiveAggregateState",

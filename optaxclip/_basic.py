@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,24 +162,44 @@ def _exponent(m: jax.Array) -> jax.Array:
     return jnp.clip(jnp.frexp(m)[1], -126, 126)
 
 
-def _clamp_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):
-    """Pre-clip sums, post-clip norm and whether an element left `[lo, hi]`, from `x` alone.
+def _value_sums(x: jax.Array, lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The float32 sum of squares of `x`, and how many of its elements lie outside `[lo, hi]`.
 
-    All are reductions of elementwise functions of `x`, which XLA fuses into
-    one read on GPU and TPU (no clamped copy of `x` is materialized). The
-    clamped square splits into its positive and negative parts,
-    `clip(x, lo, hi)**2 = min(max(x, lo+)**2, hi+**2) + min(max(-x, (-hi)+)**2, (-lo)+**2)`
-    (`v+ = max(v, 0)`; valid for any `lo <= hi`), squared after scaling by a
-    power of two near `max(|lo|, |hi|)` (exact), so no bound can overflow
-    or underflow the post-clip sum; contributions below about 1e-19 of that
-    bound are lost. An element left the range exactly when
-    `max(x - hi, lo - x) > 0`.
+    Two reductions of `x` (fused into one read on GPU and TPU, two loops on
+    XLA:CPU): the plain sum is finite for norms below about 1.8e19. The
+    count is `sum(clip(max(x - hi, lo - x) * 2**126, 0, 1))`: 1 for an
+    element above `hi` by any normal float32 difference, 0 inside
+    (arithmetic, not a compare: XLA:CPU's reduction fusion takes no
+    predicate and would write one out at the array's size first). Exact
+    while below `2**24`; an element beyond a bound under about 1e-31 by less
+    than float32's smallest normal number is clamped but not counted.
+    """
+    # Runtime scalars paired with this array (see `_norms.sumsq_pair`): XLA would otherwise share
+    # one broadcast of a constant between same-shaped arrays and materialize it at their size.
+    scalars = (jnp.asarray(2.0**126, F32), jnp.asarray(1.0, F32), lo, hi)
+    (big, one, lo, hi), x = jax.lax.optimization_barrier((scalars, x))
+    x = x.astype(F32)
+    plain = jnp.sum(jnp.square(x))
+    count = jnp.sum(jnp.minimum(jnp.maximum(jnp.maximum(x - hi, lo - x) * big, 0.0), one))
+    return plain, count
+
+
+def _clamp_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):
+    """Scaled pre-clip sum, post-clip norm and whether an element left `[lo, hi]`, from `x` alone.
+
+    For `stats="full"`: reductions of elementwise functions of `x`, which
+    XLA fuses into one read on GPU and TPU (no clamped copy of `x` is
+    materialized). The clamped square splits into its positive and negative
+    parts, `clip(x, lo, hi)**2 = min(max(x, lo+)**2, hi+**2) + min(max(-x,
+    (-hi)+)**2, (-lo)+**2)` (`v+ = max(v, 0)`; valid for any `lo <= hi`),
+    squared after scaling by a power of two near `max(|lo|, |hi|)` (exact),
+    so no bound can overflow or underflow the post-clip sum; contributions
+    below about 1e-19 of that bound are lost. An element left the range
+    exactly when `max(x - hi, lo - x) > 0`.
     """
     k = _exponent(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
-    pre = _norms.sumsq_pair(x, tuple(range(x.ndim)))
-    # Runtime scalars, paired with this array: XLA would rewrite `(hi * s)**2` with
-    # constants as `hi**2 * s**2` (inf * 0 for a bound near 1e30), and share one
-    # broadcast of a constant between arrays, materializing it at their size.
+    _, scaled = _norms.sumsq_pair(x, tuple(range(x.ndim)))
+    # As in `_value_sums`: runtime scalars paired with this array.
     lo, hi, s, x = jax.lax.optimization_barrier((lo, hi, jnp.ldexp(jnp.ones((), F32), -k), x))
     pos = lambda v: jnp.maximum(v, 0.0) * s  # noqa: E731
     x = x.astype(F32)
@@ -188,10 +208,39 @@ def _clamp_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):
     lower = jnp.minimum(jnp.square(jnp.maximum(-x_s, pos(-hi))), jnp.square(pos(-lo)))
     inside = jnp.sum(upper + lower)
     out_of_range = jnp.max(jnp.maximum(x - hi, lo - x), initial=-jnp.inf) > 0
-    return pre, jnp.sqrt(inside) * jnp.ldexp(jnp.ones((), F32), k), out_of_range
+    return jnp.sum(scaled), jnp.sqrt(inside) * jnp.ldexp(jnp.ones((), F32), k), out_of_range
 
 
-def clip_by_value(max_value: Bound, min_value: Bound | None = None) -> optax.GradientTransformation:
+class ClipByValueState(NamedTuple):
+    """State of `clip_by_value`.
+
+    Attributes:
+      stats: `ClipStats`; `threshold` is the largest `max(|min_value|,
+        |max_value|)` over the leaves, `clipped` whether any element was
+        clamped.
+      clipped_fraction: float32 `[]`, the fraction of this step's (float)
+        elements that were clamped; NaN on a non-finite step (and, with
+        `stats="norm"`, on a step whose pre-clip norm exceeds about 1.8e19).
+    """
+
+    stats: _stats.ClipStats
+    clipped_fraction: jax.Array
+
+
+def _value_leaf_bounds(fn, max_value, min_value, updates) -> tuple[list, list]:
+    """Per-leaf float32 `(lo, hi)` bounds of `clip_by_value`, checked."""
+    his = leaf_bounds(fn, "max_value", max_value, updates, _checks.finite)
+    if min_value is None:
+        return [-jnp.asarray(h, F32) for h in his], [jnp.asarray(h, F32) for h in his]
+    los = leaf_bounds(fn, "min_value", min_value, updates, _checks.finite)
+    for lo, hi in zip(los, his, strict=True):
+        _checks.ordered(fn, "min_value", lo, "max_value", hi)
+    return [jnp.asarray(lo, F32) for lo in los], [jnp.asarray(h, F32) for h in his]
+
+
+def clip_by_value(
+    max_value: Bound, min_value: Bound | None = None, *, stats: str = "norm"
+) -> optax.GradientTransformation:
     """Clamps every element of the updates into `[min_value, max_value]`.
 
     Each bound is one number for all leaves, a pytree of numbers with the
@@ -203,27 +252,37 @@ def clip_by_value(max_value: Bound, min_value: Bound | None = None) -> optax.Gra
         > 0 and the range is `[-max_value, max_value]`.
       min_value: Lower bound(s), finite and <= `max_value`; defaults to
         `-max_value`.
+      stats: What the state records. `"norm"` (default): the pre-clip
+        norm, whether any element was clamped and the fraction clamped,
+        from two sums over the updates (the sum of squares and the count),
+        as many as an overflow-safe norm takes; `post_clip_norm` equals the
+        pre-clip norm on a step that clamps nothing and is NaN (not
+        computed) on a step that clamps. `"full"`: also the exact post-clip
+        norm and exact pre-clip norms beyond 1.8e19, for three more
+        reductions (each a pass over the updates on XLA:CPU; all fused into
+        one pass on GPU and TPU).
 
     Returns:
-      An `optax.GradientTransformation`; its state is a `ClipStats` whose
-      `threshold` is the largest `max(|min_value|, |max_value|)` over the
-      leaves (the largest magnitude an element may keep), and whose
-      `clipped` is true when any element was clamped.
+      An `optax.GradientTransformation`; its state is a `ClipByValueState`
+      (a `ClipStats` and `clipped_fraction`).
 
     Edge cases:
       An infinite element stays infinite and a NaN stays NaN (optax's
       `clip` turns inf into the bound, hiding the overflow); the step
       counts as non-finite and records `clipped=False`, as the norm clips
-      do. The stats' norms are float32 and overflow-free. Integer and
-      `float0` leaves pass through untouched (a step counter stays as it
-      is) and are left out of the norms.
+      do. Norms are float32 and overflow-free, except that with
+      `stats="norm"` a pre-clip norm above about 1.8e19 reads as inf (the
+      step counts as non-finite; its elements are clamped all the same):
+      use `stats="full"` to record such norms exactly. Integer and `float0`
+      leaves pass through untouched (a step counter stays as it is) and
+      are left out of the norms and the fraction.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip
       >>> tx = optaxclip.clip_by_value(1.0)
-      >>> out, _ = tx.update({"w": jnp.array([-3.0, 0.5, 2.0])}, tx.init(None))
-      >>> print(out["w"])
-      [-1.   0.5  1. ]
+      >>> out, state = tx.update({"w": jnp.array([-3.0, 0.5, 2.0, 0.0])}, tx.init(None))
+      >>> print(out["w"], f"{float(state.clipped_fraction):.2f}")
+      [-1.   0.5  1.   0. ] 0.50
       >>> per_layer = optaxclip.clip_by_value({"head": 100.0, "rnn": 10.0})
       >>> g = {"head": jnp.array([150.0]), "rnn": jnp.array([-20.0])}
       >>> out, _ = per_layer.update(g, per_layer.init(None))
@@ -235,6 +294,7 @@ def clip_by_value(max_value: Bound, min_value: Bound | None = None) -> optax.Gra
       thesis, 2012 (gradient value clipping for RNNs).
     """
     fn = "clip_by_value"
+    _checks.one_of(fn, "stats", stats, ("norm", "full"))
     _check_bound_spec(fn, "max_value", max_value, _checks.finite)
     if min_value is None:
         _check_bound_spec(fn, "max_value", max_value, _checks.positive)
@@ -244,44 +304,56 @@ def clip_by_value(max_value: Bound, min_value: Bound | None = None) -> optax.Gra
         if one(min_value) and one(max_value):  # per-leaf pairs are checked at the first update
             _checks.ordered(fn, "min_value", min_value, "max_value", max_value)
 
+    def init_fn(params):
+        del params
+        return ClipByValueState(_stats.init_stats(), jnp.zeros((), F32))
+
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef, idx = _norms.float_leaves(updates)
-        his = leaf_bounds(fn, "max_value", max_value, updates, _checks.finite)
-        if min_value is None:
-            los = [None] * len(leaves)
-        else:
-            los = leaf_bounds(fn, "min_value", min_value, updates, _checks.finite)
-            for lo, hi in zip(los, his, strict=True):
-                _checks.ordered(fn, "min_value", lo, "max_value", hi)
+        los, his = _value_leaf_bounds(fn, max_value, min_value, updates)
         out = list(leaves)
-        plain, scaled, pre_leaf, post_leaf, flags, limits = [], [], [], [], [], []
+        sums, full, limits = [], [], []
         for i in idx:
-            hi = jnp.asarray(his[i], F32)
-            lo = -hi if los[i] is None else jnp.asarray(los[i], F32)
-            (p, s), post, flag = _clamp_stats(leaves[i], lo, hi)
-            plain.append(jnp.sum(p))
-            scaled.append(jnp.sum(s))
-            pre_leaf.append(_norms.root(plain[-1], scaled[-1]))
-            # A leaf with nothing clamped keeps its pre-clip norm (its clamped sum may have
-            # lost tiny elements to the bound's scale).
-            post_leaf.append(jnp.where(flag, post, pre_leaf[-1]))
-            flags.append(flag)
+            lo, hi = los[i], his[i]
+            sums.append(_value_sums(leaves[i], lo, hi))
+            if stats == "full":
+                full.append(_clamp_stats(leaves[i], lo, hi))
             limits.append(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
             # Keep +-inf (and NaN) as it is: clamping would turn an overflow into the bound.
-            lo, hi, x = jax.lax.optimization_barrier((lo, hi, leaves[i]))  # as in _clamp_stats
+            lo, hi, x = jax.lax.optimization_barrier((lo, hi, leaves[i]))  # as in _value_sums
             x = x.astype(F32)
             out[i] = jnp.where(jnp.isfinite(x), jnp.clip(x, lo, hi), x).astype(leaves[i].dtype)
-        zero = jnp.zeros((), F32)
-        pre = _norms.root(sum(plain, zero), sum(scaled, zero))
-        clipped = jnp.any(jnp.stack(flags)) & jnp.isfinite(pre) if flags else jnp.zeros((), bool)
-        stats = _stats.record(
-            state,
-            pre_clip_norm=pre,
-            post_clip_norm=jnp.where(clipped, _norms.combine_norms(post_leaf), pre),
-            threshold=jnp.max(jnp.stack(limits)) if limits else zero,
-            clipped=clipped,
-        )
-        return treedef.unflatten(out), stats
+        new_stats, fraction = _value_stats(state.stats, sums, full, limits, [leaves[i].size for i in idx])
+        return treedef.unflatten(out), ClipByValueState(new_stats, fraction)
 
-    return optax.GradientTransformation(_stats.init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _value_stats(stats, sums, full, limits, sizes):
+    """`clip_by_value`'s `ClipStats` and clamped fraction from its per-leaf sums (see `_value_sums`)."""
+    zero = jnp.zeros((), F32)
+    plain = sum((p for p, _ in sums), zero)
+    count = sum((c for _, c in sums), zero)
+    fraction = jnp.where(jnp.isfinite(plain), count / max(sum(sizes), 1), jnp.nan)
+    if full:
+        pre = _norms.root(plain, sum((sc for sc, _, _ in full), zero))
+        clipped = jnp.any(jnp.stack([f for _, _, f in full])) & jnp.isfinite(pre)
+        # A leaf with nothing clamped keeps its pre-clip norm (its clamped sum may have
+        # lost tiny elements to the bound's scale).
+        post_leaf = [
+            jnp.where(f, post, _norms.root(p, sc)) for (p, _), (sc, post, f) in zip(sums, full, strict=True)
+        ]
+        post = jnp.where(clipped, _norms.combine_norms(post_leaf), pre)
+    else:
+        pre = jnp.sqrt(plain)  # inf beyond ~1.8e19: the overflow-safe sum is the full level's
+        clipped = jnp.isfinite(plain) & (count > 0)
+        post = jnp.where(clipped, jnp.nan, pre)
+    stats = _stats.record(
+        stats,
+        pre_clip_norm=pre,
+        post_clip_norm=post,
+        threshold=jnp.max(jnp.stack(limits)) if limits else zero,
+        clipped=clipped,
+    )
+    return stats, fraction

@@ -65,7 +65,8 @@ def test_metrics_flat_dict_single_and_several():
     tx = optax.chain(optaxclip.clip_by_value(10.0), optaxclip.clip_by_global_norm(1.0))
     m2 = optaxclip.metrics(_step(tx))
     assert float(m2["0/pre_clip_norm"]) == 5.0 and not bool(m2["0/clipped"])
-    assert bool(m2["1/clipped"]) and len(m2) == 2 * len(optaxclip.ClipStats._fields)
+    assert bool(m2["1/clipped"]) and len(m2) == 2 * len(optaxclip.ClipStats._fields) + 1
+    assert float(m2["0/clipped_fraction"]) == 0.0  # clip_by_value's own field
 
 
 def test_metrics_inside_jit():
