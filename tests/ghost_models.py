@@ -45,12 +45,41 @@ def tokens(seed: int = 0, batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB
     return jnp.asarray(t[:, :-1], jnp.int32), jnp.asarray(t[:, 1:], jnp.int32)
 
 
+def _features(seed: int, shape: tuple, classes: int) -> tuple:
+    """`(x, y)`: float32 `[batch, *shape]` inputs and int32 labels in `[0, classes)`."""
+    rng = np.random.default_rng(seed + 1)
+    x = jnp.asarray(rng.standard_normal((BATCH, *shape)), jnp.float32)
+    return x, jnp.asarray(rng.integers(0, classes, BATCH), jnp.int32)
+
+
 def _xent(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def _normal(key, shape, scale=0.3):
-    return scale * jax.random.normal(key, shape, jnp.float32)
+def init_values(abstract, seed: int = 0):
+    """Concrete float32 values, drawn with NumPy, for an abstract params pytree.
+
+    The models are built abstractly (`nnx.eval_shape`, `jax.eval_shape` of a
+    Linen `init`, `eqx.filter_eval_shape`) and filled here: the frameworks'
+    eager initialisers compile one XLA kernel per op and shape, which cost
+    24 s of CPU for the eleven models (measured; about 1 s this way).
+    Matrices and kernels get N(0, 1/fan_in) (fan_in: all but the last axis),
+    vectors 0.1 N(0, 1), plus 1 for a norm's `scale`.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        shape = tuple(leaf.shape)
+        if len(shape) >= 2:
+            return jnp.asarray(rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1])), jnp.float32)
+        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+        return jnp.asarray(base + 0.1 * rng.standard_normal(shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def _shapes(**shapes):
+    return {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
 
 
 # ---------------------------------------------------------------- plain JAX
@@ -58,21 +87,13 @@ def _normal(key, shape, scale=0.3):
 
 def mlp(seed: int = 0) -> GhostModel:
     """Plain JAX: 6 -> 16 -> 3 classifier (`x @ w + b`), float features and an int label."""
-    k = jax.random.split(jax.random.key(seed), 4)
-    params = {
-        "w1": _normal(k[0], (6, 16)),
-        "b1": jnp.zeros(16),
-        "w2": _normal(k[1], (16, 3)),
-        "b2": jnp.zeros(3),
-    }
+    params = init_values(_shapes(w1=(6, 16), b1=(16,), w2=(16, 3), b2=(3,)), seed)
 
     def loss_fn(p, x, y):
         h = jnp.tanh(x @ p["w1"] + p["b1"])
         return _xent(h @ p["w2"] + p["b2"], y)
 
-    x = jax.random.normal(k[2], (BATCH, 6))
-    y = jax.random.randint(k[3], (BATCH,), 0, 3)
-    return GhostModel(params, loss_fn, (x, y))
+    return GhostModel(params, loss_fn, _features(seed, (6,), 3))
 
 
 def _layer_norm(h, scale, bias):
@@ -94,20 +115,10 @@ def einsum_attention(seed: int = 0) -> GhostModel:
     untied head.
     """
     d, h, dh = WIDTH, HEADS, WIDTH // HEADS
-    k = jax.random.split(jax.random.key(seed), 9)
-    params = {
-        "embed": _normal(k[0], (VOCAB, d), 1.0),
-        "pos": _normal(k[1], (SEQ, d)),
-        "ln": {"scale": jnp.ones(d), "bias": jnp.zeros(d)},
-        "q": _normal(k[2], (d, h, dh)),
-        "k": _normal(k[3], (d, h, dh)),
-        "v": _normal(k[4], (d, h, dh)),
-        "out": _normal(k[5], (h, dh, d)),
-        "rms": {"scale": jnp.ones(d)},
-        "up": _normal(k[6], (d, 2 * d)),
-        "down": _normal(k[7], (2 * d, d)),
-        "head": _normal(k[8], (d, VOCAB)),
-    }
+    shapes = _shapes(embed=(VOCAB, d), pos=(SEQ, d), q=(d, h, dh), k=(d, h, dh), v=(d, h, dh), out=(h, dh, d))
+    shapes |= _shapes(up=(d, 2 * d), down=(2 * d, d), head=(d, VOCAB))
+    shapes |= {"ln": _shapes(scale=(d,), bias=(d,)), "rms": _shapes(scale=(d,))}
+    params = init_values(shapes, seed)
 
     def loss_fn(p, x, y):
         e = p["embed"][x] + p["pos"]
@@ -210,13 +221,22 @@ class NNXTwiceLM(nnx.Module):
         return self.head(self.mix(jnp.tanh(self.mix(self.embed(x)))))
 
 
-def _nnx_model(model, batch) -> GhostModel:
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def _nnx_model(build, seed, batch) -> GhostModel:
+    """`build(rngs)` traced abstractly; params from `init_values`, the rest (RNG state) made concrete."""
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(seed))), nnx.Param, ...)
+    params = init_values(params, seed)
+    rest = jax.tree.map(_concrete, rest)
 
     def loss_fn(p, x, y):  # one example: the layers run on a batch of one
         return _xent(nnx.merge(graphdef, p, rest)(x[None])[0], y)
 
     return GhostModel(params, loss_fn, batch)
+
+
+def _concrete(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.key(0)
+    return jnp.zeros(leaf.shape, leaf.dtype)
 
 
 def nnx_transformer(
@@ -230,43 +250,40 @@ def nnx_transformer(
     width) -> residual; a final `nnx.LayerNorm` and an untied `nnx.Linear`
     head.
     """
-    model = NNXTransformer(blocks, width, heads, seq, rngs=nnx.Rngs(seed))
-    return _nnx_model(model, tokens(seed, seq=seq))
+    build = lambda rngs: NNXTransformer(blocks, width, heads, seq, rngs=rngs)
+    return _nnx_model(build, seed, tokens(seed, seq=seq))
 
 
 def nnx_lstm(seed: int = 0, hidden: int = WIDTH) -> GhostModel:
     """Flax NNX: `nnx.Embed` -> `nnx.RNN(nnx.LSTMCell)` -> `nnx.Linear`."""
-    return _nnx_model(NNXRNNLM(nnx.LSTMCell, hidden, rngs=nnx.Rngs(seed)), tokens(seed))
+    return _nnx_model(lambda rngs: NNXRNNLM(nnx.LSTMCell, hidden, rngs=rngs), seed, tokens(seed))
 
 
 def nnx_gru(seed: int = 0, hidden: int = WIDTH) -> GhostModel:
     """Flax NNX: `nnx.Embed` -> `nnx.RNN(nnx.GRUCell)` -> `nnx.Linear`."""
-    return _nnx_model(NNXRNNLM(nnx.GRUCell, hidden, rngs=nnx.Rngs(seed)), tokens(seed))
+    return _nnx_model(lambda rngs: NNXRNNLM(nnx.GRUCell, hidden, rngs=rngs), seed, tokens(seed))
 
 
 def nnx_conv(seed: int = 0) -> GhostModel:
     """Flax NNX: `NNXConvNet` on 6x6x3 images, 3 classes."""
-    k = jax.random.split(jax.random.key(seed + 1))
-    x = jax.random.normal(k[0], (BATCH, 6, 6, 3))
-    y = jax.random.randint(k[1], (BATCH,), 0, 3)
-    return _nnx_model(NNXConvNet(rngs=nnx.Rngs(seed)), (x, y))
+    return _nnx_model(lambda rngs: NNXConvNet(rngs=rngs), seed, _features(seed, (6, 6, 3), 3))
 
 
 def nnx_tied_embedding(seed: int = 0) -> GhostModel:
     """Flax NNX: tied input/output embedding (`NNXTiedLM`)."""
-    return _nnx_model(NNXTiedLM(rngs=nnx.Rngs(seed)), tokens(seed))
+    return _nnx_model(lambda rngs: NNXTiedLM(rngs=rngs), seed, tokens(seed))
 
 
 def nnx_layer_twice(seed: int = 0) -> GhostModel:
     """Flax NNX: one layer applied twice (`NNXTwiceLM`: its kernel and bias reach the loss twice)."""
-    return _nnx_model(NNXTwiceLM(rngs=nnx.Rngs(seed)), tokens(seed))
+    return _nnx_model(lambda rngs: NNXTwiceLM(rngs=rngs), seed, tokens(seed))
 
 
 # ---------------------------------------------------------------- Flax Linen
 
 
 def _linen_model(module, x, seed):
-    params = module.init(jax.random.key(seed), x[:1])["params"]
+    params = init_values(jax.eval_shape(module.init, jax.random.key(seed), x[:1])["params"], seed)
 
     def loss_fn(p, x, y):
         return _xent(module.apply({"params": p}, x[None])[0], y)
@@ -281,7 +298,10 @@ def linen_transformer(seed: int = 0, width: int = WIDTH, heads: int = HEADS) -> 
     class Block(nn.Module):
         @nn.compact
         def __call__(self, x):
-            h = nn.Embed(VOCAB, width)(x) + self.param("pos", nn.initializers.normal(0.02), (SEQ, width))[None]
+            h = (
+                nn.Embed(VOCAB, width)(x)
+                + self.param("pos", nn.initializers.normal(0.02), (SEQ, width))[None]
+            )
             a = nn.LayerNorm()(h)
             h = h + nn.MultiHeadDotProductAttention(heads)(a, a, mask=nn.make_causal_mask(x))
             m = nn.Dense(width)(nn.gelu(nn.Dense(4 * width)(nn.LayerNorm()(h))))
@@ -311,13 +331,17 @@ def equinox_lstm(seed: int = 0, hidden: int = WIDTH) -> GhostModel:
     """Equinox: `eqx.nn.Embedding` -> an `eqx.nn.LSTMCell` run by `lax.scan` -> `eqx.nn.Linear`."""
     import equinox as eqx
 
-    k = jax.random.split(jax.random.key(seed), 3)
-    model = {
-        "embed": eqx.nn.Embedding(VOCAB, 6, key=k[0]),
-        "cell": eqx.nn.LSTMCell(6, hidden, key=k[1]),
-        "head": eqx.nn.Linear(hidden, VOCAB, key=k[2]),
-    }
-    params, static = eqx.partition(model, eqx.is_inexact_array)
+    def build():
+        k = jax.random.split(jax.random.key(seed), 3)
+        return {
+            "embed": eqx.nn.Embedding(VOCAB, 6, key=k[0]),
+            "cell": eqx.nn.LSTMCell(6, hidden, key=k[1]),
+            "head": eqx.nn.Linear(hidden, VOCAB, key=k[2]),
+        }
+
+    abstract = eqx.filter_eval_shape(build)
+    params, static = eqx.partition(abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    params = init_values(params, seed)
 
     def loss_fn(p, x, y):
         m = eqx.combine(p, static)
