@@ -1,0 +1,193 @@
+"""Ghost clipping for any JAX model: the clipped per-example gradient sum without per-example gradients.
+
+The loss of one example is traced to a jaxpr (`_ghost_trace`); every param
+leaf that reaches the loss through one op whose other operand is
+per-example (a dense or einsum projection, a conv, an embedding gather, a
+LayerNorm scale or bias, inside a `scan` or not) is a *site*
+(`_ghost_plan`). The jaxpr is evaluated again under `vmap` with a zero
+perturbation on each site's output and its other operand recorded: one
+backward pass with respect to the perturbations gives each site's output
+cotangents `G` per example; the per-example norms and the clipped sum
+follow from `A` and `G` by the per-op rules (`_ghost_ops`). The other
+leaves take exact per-example gradients, in the same backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _ghost_ops as ops
+from . import _norms
+from ._ghost_plan import GHOST, MATERIALISED, PER_EXAMPLE, Plan, make_plan
+from ._ghost_trace import Taps, Traced, evaluate, trace_example
+from ._per_example import (
+    ClippedGradSum,
+    _batch_size,
+    _check_argnums,
+    _check_wrt_dtypes,
+    _layer_bounds,
+    _row_mask,
+    _vary_like_batch,
+    _varying_axes,
+    clip_factors,
+    layer_sensitivity,
+)
+
+F32 = jnp.float32
+__all__ = ["GHOST", "MATERIALISED", "PER_EXAMPLE", "ghost_clipped_grad_sum"]
+
+
+def _analyse(loss_fn, args, argnums, batch_argnums, has_aux) -> tuple[Traced, Plan, dict[int, str]]:
+    """The traced loss, its plan, and each tapped leaf's mode (ghost or materialised)."""
+    traced = trace_example(loss_fn, args, argnums, batch_argnums, has_aux)
+    plan = make_plan(traced.jaxpr, traced.n_params)
+    return traced, plan, {s.leaf: ops.choose_mode(s) for s in plan.sites}
+
+
+def _backward(traced: Traced, plan: Plan, leaves: list, examples: list, batch: int):
+    """One forward and one backward pass of the batched loss with the taps on.
+
+    Returns `(records, G per perturbation, per-example grads of the fallback
+    leaves, their indices, aux)`; records by id (an input record is the
+    batched argument itself).
+    """
+    tapped = plan.tapped()
+    fallback = [i for i in range(len(leaves)) if i not in tapped]
+    recorded = list(plan.record_ids.values())
+    inner = lambda eqn: plan.inner.get(id(eqn), ([], []))
+
+    def one(fb_vals, zs, ex):
+        params = list(leaves)
+        for i, v in zip(fallback, fb_vals, strict=True):
+            params[i] = v
+        taps = Taps(plan.points, plan.record_ids, dict(enumerate(zs)), {}, inner)
+        outs = evaluate(traced.jaxpr.jaxpr, traced.jaxpr.consts, [*params, *ex], taps)
+        return outs[0], ([taps.out[r] for r in recorded], outs[1:])
+
+    like = next((x for x in leaves if _varying_axes(x)), None)
+    zs = [
+        _zeros((batch, *ops_steps(scans), *aval.shape), aval.dtype, like) for scans, aval in plan.point_shapes
+    ]
+    fb = [jnp.broadcast_to(leaves[i], (batch, *jnp.shape(leaves[i]))) for i in fallback]
+    losses, vjp_fn, (recs, aux) = jax.vjp(
+        lambda fb, zs: jax.vmap(one)(fb, zs, examples), fb, zs, has_aux=True
+    )
+    g_fb, g_zs = vjp_fn(jnp.ones_like(losses))
+    records = dict(zip(recorded, recs, strict=True))
+    for rid, r in enumerate(plan.records):
+        if r.source is not None:
+            records[rid] = examples[r.source]
+    return records, g_zs, g_fb, fallback, aux
+
+
+def ops_steps(scans) -> tuple[int, ...]:
+    return tuple(e.params["length"] for e in scans)
+
+
+def _zeros(shape, dtype, like) -> jax.Array:
+    """Zeros varying over the shard_map axes the params were cast to (so the vjp keeps them per device)."""
+    z = jnp.zeros(shape, dtype)  # a constant outside shard_map: XLA folds `y + 0` away, no buffer
+    if like is not None:
+        return z + jnp.zeros_like(jnp.ravel(like)[:1].reshape(()), dtype)
+    return z
+
+
+def _site_records(site, records: dict) -> tuple[list, list]:
+    """The site's record arrays and their step flags, in operand order."""
+    used = [r for r in site.records if r is not None]
+    return [records[rid] for rid, _ in used], [flags for _, flags in used]
+
+
+def _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch) -> list:
+    """Each leaf's per-example squared norm `[B]` (float32)."""
+    sq: list = [jnp.zeros((batch,), F32)] * len(leaves)
+    grams: dict = {}
+    for site in plan.sites:
+        recs, flags = _site_records(site, records)
+        g = g_zs[site.point]
+        if modes[site.leaf] == GHOST and site.kind == "dot_general":
+            (rid, fl) = next(r for r in site.records if r is not None)
+            key = (rid, fl, *ops._dot_dims(site)[:3])
+            sq[site.leaf] = ops.dot_ghost_sq(site, recs[0], flags[0], g, grams, key)
+        elif modes[site.leaf] == GHOST:
+            sq[site.leaf] = ops.embedding_ghost_sq(site, recs[0], flags[0], g)
+        else:
+            per = ops.per_example_grads(site, leaves[site.leaf], recs, g).astype(F32)
+            sq[site.leaf] = jnp.sum(jnp.square(per).reshape(batch, -1), axis=1)
+    for i, g in zip(fallback, g_fb, strict=True):
+        sq[i] = jnp.sum(jnp.square(g.astype(F32)).reshape(batch, -1), axis=1)
+    return sq
+
+
+def _keep(ok: jax.Array, x: jax.Array) -> jax.Array:
+    """Rows that are not real and finite read as 0 (a select fused into the consumer; 0 * NaN is NaN)."""
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return x
+    return jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok) -> list:
+    """Each leaf's clipped sum (float32): the sites' weighted VJPs, the fallback's weighted row sums."""
+    sums: list = [None] * len(leaves)
+    for site in plan.sites:
+        recs, _ = _site_records(site, records)
+        w = weights[site.leaf]
+        g = _keep(ok, g_zs[site.point])
+        g = g * w.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+        recs = [_keep(ok, r) for r in recs]
+        sums[site.leaf] = ops.weighted_sum(site, leaves[site.leaf], recs, g).astype(F32)
+    for i, g in zip(fallback, g_fb, strict=True):
+        g = _keep(ok, g.astype(F32))
+        sums[i] = jnp.tensordot(weights[i], g, axes=1, precision=jax.lax.Precision.HIGHEST)
+    return sums
+
+
+def ghost_clipped_grad_sum(
+    loss_fn: Callable[..., Any],
+    argnums: int = 0,
+    batch_argnums: int | Sequence[int] = 1,
+    *,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """The clipped per-example gradient sum of `clipped_grad_sum`, by ghost norms and book-keeping."""
+    fn = "ghost_clipped_grad_sum"
+    if not isinstance(argnums, int) or isinstance(argnums, bool):
+        raise ValueError(f"{fn}: `argnums` must be one int (the params argument), got argnums={argnums!r}.")
+    _, batch_argnums = _check_argnums(fn, argnums, batch_argnums)
+
+    def paths(*args) -> dict[str, str]:
+        _batch_size(fn, args, batch_argnums)
+        _check_wrt_dtypes(fn, args, (argnums,))
+        _, _, modes = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
+        flat, _ = jax.tree_util.tree_flatten_with_path(args[argnums])
+        return {jax.tree_util.keystr(k): modes.get(i, PER_EXAMPLE) for i, (k, _) in enumerate(flat)}
+
+    def run(*args, l2_norm_clip, mask=None):
+        batch = _batch_size(fn, args, batch_argnums)
+        _check_wrt_dtypes(fn, args, (argnums,))
+        args = _vary_like_batch(args, (argnums,), batch_argnums)
+        leaves, treedef = jax.tree.flatten(args[argnums])
+        bounds = _layer_bounds(fn, l2_norm_clip, args[argnums])
+        clip = jnp.asarray(l2_norm_clip, F32) if bounds is None else layer_sensitivity(bounds)
+        real = _row_mask(mask, batch)
+        traced, plan, modes = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
+        examples = [x for i in batch_argnums for x in jax.tree.leaves(args[i])]
+        records, g_zs, g_fb, fallback, aux = _backward(traced, plan, leaves, examples, batch)
+        sq = _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch)
+        norms, factors = clip_factors(sq, bounds, clip)
+        ok = real & jnp.isfinite(norms)
+        if factors is None:
+            factors = [_norms.scale_factor(norms, clip)] * len(leaves)
+        weights = [jnp.where(ok, f, 0.0) for f in factors]
+        sums = _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok)
+        result = ClippedGradSum(treedef.unflatten(sums), norms, real, clip)
+        if not has_aux:
+            return result
+        return result, jax.tree.unflatten(traced.aux_tree, aux)
+
+    run.paths = paths
+    return run

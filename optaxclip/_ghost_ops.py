@@ -1,0 +1,188 @@
+"""Per-op rules of the ghost path: a site's per-example norm and its clipped sum.
+
+A site computes `op(..., chain(leaf), ...)`; its other operands `A`
+(records) and its output cotangent `G` come per example, with one axis per
+enclosing scan step (`[B, steps..., ...]`). From them:
+
+- the materialised per-example gradient (any site): the VJP of the site,
+  vmapped over the steps and the batch;
+- the ghost norm of a `dot_general` (Gram matrices over the positions) or
+  an embedding `gather` (token equality), when it is the cheaper;
+- the clipped sum: the VJP of the batched site at the factor-weighted `G`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ._ghost_plan import GHOST, MATERIALISED, Site
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _bind(eqn, invals: Sequence):
+    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    return out[0] if eqn.primitive.multiple_results else out
+
+
+def site_fn(site: Site) -> Callable:
+    """`f(leaf, *records) -> op output` for one step of one example (the chain and the op, re-bound)."""
+
+    def f(leaf, *recs):
+        w = leaf
+        for eqn, pos in site.chain:
+            w = _bind(eqn, [w if k == pos else u.val for k, u in enumerate(eqn.invars)])
+        it = iter(recs)
+        ins = []
+        for k, u in enumerate(site.eqn.invars):
+            if k == site.pos:
+                ins.append(w)
+            elif site.records[k] is not None:
+                ins.append(next(it))
+            elif hasattr(u, "val"):  # a literal
+                ins.append(u.val)
+            else:  # an operand the weight gradient does not read (add, sub)
+                ins.append(jnp.zeros(u.aval.shape, u.aval.dtype))
+        return _bind(site.eqn, ins)
+
+    return f
+
+
+def _stepped(site: Site) -> Callable:
+    """`site_fn` vmapped over the enclosing scans' steps (records without a step axis broadcast)."""
+    f = site_fn(site)
+    flags = [r[1] for r in site.records if r is not None]
+    for k in reversed(range(len(site.scans))):
+        f = jax.vmap(f, in_axes=(None, *(0 if fl[k] else None for fl in flags)), axis_size=site.steps[k])
+    return f
+
+
+def per_example_grads(site: Site, leaf, recs: list, g: jax.Array) -> jax.Array:
+    """`[B, *leaf.shape]`: each example's gradient of the leaf, from the site's VJP."""
+    f = _stepped(site)
+
+    def one(recs_b, g_b):
+        return jax.vjp(lambda w: f(w, *recs_b), leaf)[1](g_b)[0]
+
+    return jax.vmap(one, axis_size=g.shape[0])(recs, g)
+
+
+def weighted_sum(site: Site, leaf, recs: list, g: jax.Array) -> jax.Array:
+    """`sum_b` of each example's gradient of the leaf at cotangents `g` (already weighted and masked)."""
+    f = jax.vmap(_stepped(site), in_axes=(None, *([0] * len(recs))), axis_size=g.shape[0])
+    return jax.vjp(lambda w: f(w, *recs), leaf)[1](g)[0]
+
+
+def _all_steps(a: jax.Array, flags: tuple, steps: tuple) -> jax.Array:
+    """A record `[B, present steps..., ...]` broadcast to `[B, steps..., ...]`."""
+    for k, present in enumerate(flags):
+        if not present:
+            a = jnp.expand_dims(a, 1 + k)
+    return jnp.broadcast_to(a, a.shape[:1] + steps + a.shape[1 + len(steps) :])
+
+
+def _dot_dims(site: Site) -> tuple[tuple, tuple, tuple, tuple]:
+    """`(x contracting, x batch, x free, out dims as [batch, x free, w free])` of a dot site."""
+    (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+    x_pos = 1 - site.pos
+    xc, xb = (lc, lb) if x_pos == 0 else (rc, rb)
+    x_ndim = site.eqn.invars[x_pos].aval.ndim
+    w_ndim = site.eqn.invars[site.pos].aval.ndim
+    xf = tuple(d for d in range(x_ndim) if d not in xc and d not in xb)
+    nb, n_wf = len(lb), w_ndim - len(lc) - len(lb)
+    if x_pos == 0:  # out = [batch, x free, w free]
+        out = tuple(range(nb + len(xf) + n_wf))
+    else:  # out = [batch, w free, x free]
+        out = tuple(range(nb)) + tuple(range(nb + n_wf, nb + n_wf + len(xf))) + tuple(range(nb, nb + n_wf))
+    return tuple(xc), tuple(xb), xf, out
+
+
+def dot_shapes(site: Site) -> tuple[int, int, int, int]:
+    """`(H, N, C, F)`: weight batch size, positions (incl. steps), contracting and free sizes."""
+    xc, xb, xf, _ = _dot_dims(site)
+    x = site.eqn.invars[1 - site.pos].aval.shape
+    size = lambda dims: math.prod(x[d] for d in dims)
+    out = site.eqn.outvars[0].aval.size
+    h, n, c = size(xb), size(xf) * math.prod(site.steps), size(xc)
+    return h, n, c, out // max(h * size(xf), 1)
+
+
+def dot_ghost_sq(site: Site, a: jax.Array, flags: tuple, g: jax.Array, grams: dict, key) -> jax.Array:
+    """`sum_h sum_{n,m} (a_hn . a_hm)(g_hn . g_hm)` per example (Li et al. 2021)."""
+    xc, xb, xf, out = _dot_dims(site)
+    h, n, c, f = dot_shapes(site)
+    batch, s = g.shape[0], len(site.steps)
+    if key not in grams:
+        a = _all_steps(a, flags, site.steps).astype(F32)
+        perm = [
+            0,
+            *(1 + s + d for d in xb),
+            *range(1, 1 + s),
+            *(1 + s + d for d in xf),
+            *(1 + s + d for d in xc),
+        ]
+        x = a.transpose(perm).reshape(batch, h, n, c)
+        grams[key] = jnp.einsum("bhnc,bhmc->bhnm", x, x, precision=HIGHEST)
+    nb = len(xb)
+    perm = [0, *(1 + s + d for d in out[:nb]), *range(1, 1 + s), *(1 + s + d for d in out[nb:])]
+    gm = g.astype(F32).transpose(perm).reshape(batch, h, n, f)
+    gram_g = jnp.einsum("bhnf,bhmf->bhnm", gm, gm, precision=HIGHEST)
+    return jnp.sum(grams[key] * gram_g, axis=(1, 2, 3))
+
+
+def is_embedding(site: Site) -> bool:
+    """A `gather` of whole rows of the table by one index per position (`table[ids]`, `jnp.take`)."""
+    if site.kind != "gather":
+        return False
+    dn, p = site.eqn.params["dimension_numbers"], site.eqn.params
+    table, ids = site.eqn.invars[0].aval, site.eqn.invars[1].aval
+    n_off = table.ndim - 1
+    out_ndim = site.eqn.outvars[0].aval.ndim
+    return (
+        tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not dn.operand_batching_dims
+        and tuple(p["slice_sizes"]) == (1, *table.shape[1:])
+        and tuple(dn.offset_dims) == tuple(range(out_ndim - n_off, out_ndim))
+        and ids.shape[-1:] == (1,)
+    )
+
+
+def embedding_ghost_sq(site: Site, ids: jax.Array, flags: tuple, g: jax.Array) -> jax.Array:
+    """`sum_{n,m} [id_n == id_m] g_n . g_m` per example, with the gather's own index mode."""
+    vocab = site.eqn.invars[0].aval.shape[0]
+    batch = g.shape[0]
+    ids = _all_steps(ids, flags, site.steps).reshape(batch, -1)
+    g = g.astype(F32).reshape(batch, ids.shape[1], -1)
+    if site.eqn.params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
+        valid = (ids >= 0) & (ids < vocab)  # out of range: read as the fill value, no gradient
+    else:
+        ids, valid = jnp.clip(ids, 0, vocab - 1), jnp.ones(ids.shape, bool)
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    return jnp.sum(jnp.where(same, jnp.einsum("bnd,bmd->bnm", g, g, precision=HIGHEST), 0.0), axis=(1, 2))
+
+
+def choose_mode(site: Site) -> str:
+    """Ghost norm or materialised gradient, by per-example memory (Bu et al. 2022, mixed ghost clipping).
+
+    A dense layer's ghost norm holds two `N x N` Gram matrices per weight
+    batch index, its materialised gradient `C x F`; both take about the
+    same flops. An embedding's ghost norm holds `N x N`, its gradient
+    `V x d`. The ghost norm needs a chain that keeps norms (a reshape, a
+    transpose, a cast).
+    """
+    if not site.isometric:
+        return MATERIALISED
+    if site.kind == "dot_general":
+        _, n, c, f = dot_shapes(site)
+        return GHOST if 2 * n * n < c * f else MATERIALISED
+    if is_embedding(site):
+        table = site.eqn.invars[0].aval
+        n = math.prod(site.eqn.invars[1].aval.shape[:-1]) * math.prod(site.steps)
+        return GHOST if 2 * n * n < table.size else MATERIALISED
+    return MATERIALISED
