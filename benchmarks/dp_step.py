@@ -17,8 +17,14 @@ All clip at 1.0 with noise multiplier 1.1. Reports median step time, ratios
 to the non-private step and to jax_privacy, and XLA's compiled temp size
 (peak scratch memory). `bench_dense` times the non-private and the ghost
 step on an Embed + Dense-over-sequence model (a transformer block's MLP:
-seq 128, width 256, batch 64). Run through `benchmarks/run.py`, or alone:
-`python benchmarks/dp_step.py --configs 128x64` (`--dense` adds the MLP rows).
+seq 128, width 256, batch 64). `bench_models` times issue 21's models
+(`--models`: an NNX and a Linen char-LSTM of the same shape, a 4-block NNX
+transformer of width 256 at seq 128; also an Equinox LSTM and a Linen
+transformer), each a non-private step, the vmap path and the ghost path,
+and prints how many leaves took each ghost path. Run through
+`benchmarks/run.py`, or alone: `python benchmarks/dp_step.py --configs
+128x64` (`--dense` adds the MLP rows; `--configs "" --models issue21` runs
+the three issue-21 models only).
 """
 
 from __future__ import annotations
@@ -49,6 +55,27 @@ _demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_demo)
 CharLSTM = _demo.CharLSTM
 
+# The framework models of `examples/dp_frameworks.py` (NNX/Linen transformer, NNX/Linen/Equinox LSTM),
+# loaded the same way: the benchmark times the models a user reads there, at benchmark size.
+_spec = importlib.util.spec_from_file_location(
+    "dp_frameworks", pathlib.Path(__file__).resolve().parent.parent / "examples" / "dp_frameworks.py"
+)
+_frameworks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_frameworks)
+
+# Issue 21's models at benchmark size: `(builder kwargs, seq, batch)`, vocab VOCAB. The LSTMs are
+# the char-LSTM's shape (embed 32, hidden 128, seq 64, batch 64); the transformers have 4 blocks of
+# width 256, 4 heads, MLP 4 x 256, seq 128, at a batch whose non-private step takes ~0.1-0.5 s on
+# the 2-core CPU.
+MODELS = {
+    "nnx_lstm": (dict(hidden=128, embed=32), SEQ, 64),
+    "linen_lstm": (dict(hidden=128, embed=32), SEQ, 64),
+    "equinox_lstm": (dict(hidden=128, embed=32), SEQ, 64),
+    "nnx_transformer": (dict(width=256, heads=4, blocks=4), 128, 8),
+    "linen_transformer": (dict(width=256, heads=4, blocks=4), 128, 8),
+}
+ISSUE_21 = ("nnx_lstm", "linen_lstm", "nnx_transformer")  # the models the targets name
+
 
 class DenseLM(nnx.Module):
     """Embed -> a transformer block's MLP over the sequence (width -> 4 width -> width, residual) -> head."""
@@ -63,6 +90,16 @@ class DenseLM(nnx.Module):
         h = self.embed(tokens)
         h = h + self.down(jax.nn.gelu(self.up(h)))
         return self.head(h)
+
+
+def _chain_step(tx, grads_of):
+    """`(jitted step(p, s, x, y) -> (p, s), init)`: `grads_of` through `tx`, params and state donated."""
+
+    def step(p, s, x, y):
+        updates, s = tx.update(grads_of(p, x, y), s, p)
+        return optax.apply_updates(p, updates), s
+
+    return jax.jit(step, donate_argnums=(0, 1)), tx.init
 
 
 def make_variants(hidden: int, batch: int):
@@ -82,27 +119,20 @@ def make_variants(hidden: int, batch: int):
     adam = optax.adam(1e-3)
     key = jax.random.key(0)
 
-    def chain_step(tx, grads_of):
-        def step(p, s, x, y):
-            updates, s = tx.update(grads_of(p, x, y), s, p)
-            return optax.apply_updates(p, updates), s
-
-        return jax.jit(step, donate_argnums=(0, 1)), tx.init
-
     per_example = optaxclip.per_example_grads(example_loss, batch_argnums=(1, 2))
     summed = optaxclip.clipped_grad_sum(example_loss, batch_argnums=(1, 2), microbatch_size=MICRO)
     ghost = optaxclip.ghost_clipped_grad_sum(example_loss, batch_argnums=(1, 2))
     dp = lambda: optaxclip.dp_aggregate(CLIP, NOISE, key, expected_batch_size=batch)
     variants = {
-        "non-private": chain_step(adam, jax.grad(batch_loss)),
-        "optaxclip": chain_step(optax.chain(dp(), adam), per_example),
-        f"optaxclip mb{MICRO}": chain_step(
+        "non-private": _chain_step(adam, jax.grad(batch_loss)),
+        "optaxclip": _chain_step(optax.chain(dp(), adam), per_example),
+        f"optaxclip mb{MICRO}": _chain_step(
             optax.chain(dp(), adam), lambda p, x, y: summed(p, x, y, l2_norm_clip=CLIP)
         ),
-        "optaxclip ghost": chain_step(
+        "optaxclip ghost": _chain_step(
             optax.chain(dp(), adam), lambda p, x, y: ghost(p, x, y, l2_norm_clip=CLIP)
         ),
-        "optax.contrib": chain_step(
+        "optax.contrib": _chain_step(
             optax.chain(optax.contrib.differentially_private_aggregate(CLIP, NOISE, key), adam),
             jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0)),
         ),
@@ -180,16 +210,9 @@ def bench_dense(repeats: int, inner: int) -> list[dict]:
         optaxclip.dp_aggregate(CLIP, NOISE, jax.random.key(0), expected_batch_size=DENSE_BATCH), adam
     )
 
-    def chain_step(tx, grads_of):
-        def step(p, s, x, y):
-            updates, s = tx.update(grads_of(p, x, y), s, p)
-            return optax.apply_updates(p, updates), s
-
-        return jax.jit(step, donate_argnums=(0, 1)), tx.init
-
     variants = {
-        "dense non-private": chain_step(adam, jax.grad(batch_loss)),
-        "dense optaxclip ghost": chain_step(dp, lambda p, x, y: ghost(p, x, y, l2_norm_clip=CLIP)),
+        "dense non-private": _chain_step(adam, jax.grad(batch_loss)),
+        "dense optaxclip ghost": _chain_step(dp, lambda p, x, y: ghost(p, x, y, l2_norm_clip=CLIP)),
     }
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, VOCAB, (DENSE_BATCH, DENSE_SEQ + 1)), jnp.int32)
@@ -211,9 +234,81 @@ def bench_dense(repeats: int, inner: int) -> list[dict]:
     ]
 
 
-def targets(rows: list[dict]) -> list[tuple[bool, str]]:
-    """The DP targets of issues 4, 6 and 15 (the ghost path), each `(passed, line)`."""
+def bench_models(names, repeats: int, inner: int, batch: int | None = None) -> list[dict]:
+    """Issue 21's rows: per model (`MODELS`), the non-private, vmap-path and ghost-path DP steps.
+
+    Each variant is one jitted step with adam (params and state donated): the
+    mean loss's gradient; `clipped_grad_sum` (per-example gradients by vmap,
+    one chunk) + `dp_aggregate`; `ghost_clipped_grad_sum` + `dp_aggregate`.
+    Rows as `bench`'s (`hidden` is the LSTM hidden size or the transformer
+    width), plus `model` and, on the ghost row, `paths`: `{path: (leaves,
+    parameters)}` from `.paths()`. `batch` overrides every model's batch.
+    """
+    rows = []
+    for name in names:
+        kwargs, seq, b = MODELS[name]
+        b = batch or b
+        params, apply = getattr(_frameworks, name)(VOCAB, seq, **kwargs)
+        batch_loss, example_loss = _frameworks.losses_of(apply)
+        adam = optax.adam(1e-3)
+        dp = optax.chain(optaxclip.dp_aggregate(CLIP, NOISE, jax.random.key(0), expected_batch_size=b), adam)
+        ghost = optaxclip.ghost_clipped_grad_sum(example_loss, batch_argnums=(1, 2))
+        vmap = optaxclip.clipped_grad_sum(example_loss, batch_argnums=(1, 2))
+
+        variants = {
+            f"{name} non-private": _chain_step(adam, jax.grad(batch_loss)),
+            f"{name} vmap": _chain_step(dp, lambda p, x, y, f=vmap: f(p, x, y, l2_norm_clip=CLIP)),
+            f"{name} ghost": _chain_step(dp, lambda p, x, y, f=ghost: f(p, x, y, l2_norm_clip=CLIP)),
+        }
+        tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (b, seq + 1)), jnp.int32)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        medians, temps = time_donated_steps(variants, params, (x, y), repeats, inner)
+        sizes = {jax.tree_util.keystr(k): v.size for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        paths = {}
+        for leaf, path in ghost.paths(params, x, y).items():
+            n, size = paths.get(path, (0, 0))
+            paths[path] = (n + 1, size + sizes[leaf])
+        base = medians[f"{name} non-private"]
+        for variant, med in medians.items():
+            row = {"variant": variant, "model": name, "hidden": kwargs.get("hidden", kwargs.get("width"))}
+            row |= {"batch": b, "params": sum(sizes.values()), "median_ms": med * 1e3}
+            row |= {"vs_nonprivate": med / base, "vs_jax_privacy": None, "temp_MiB": temps[variant] / 2**20}
+            rows.append(row | ({"paths": paths} if variant.endswith(" ghost") else {}))
+    return rows
+
+
+def model_targets(rows: list[dict]) -> list[tuple[bool, str]]:
+    """Issue 21: the ghost DP step <= 1.3x the non-private step, compiled temp <= 1.2x, per model."""
     out = []
+    for name in dict.fromkeys(r["model"] for r in rows if "model" in r):
+        got = {r["variant"].removeprefix(f"{name} "): r for r in rows if r.get("model") == name}
+        g = got["ghost"]
+        mem = g["temp_MiB"] / max(got["non-private"]["temp_MiB"], 1e-9)
+        where = f"{name} (hidden/width {g['hidden']}, batch {g['batch']})"
+        out.append(
+            (
+                g["vs_nonprivate"] <= 1.3,
+                f"ghost step vs non-private, {where}: {g['vs_nonprivate']:.3f} (target <= 1.3)",
+            )
+        )
+        out.append((mem <= 1.2, f"ghost temp vs non-private, {where}: {mem:.3f} (target <= 1.2)"))
+    return out
+
+
+def path_lines(rows: list[dict]) -> list[str]:
+    """Per model: how many leaves (parameters) took each path."""
+    out = []
+    for r in rows:
+        if "paths" in r:
+            parts = [f"{p} {n} ({size:,})" for p, (n, size) in sorted(r["paths"].items())]
+            out.append(f"{r['model']}: {r['params']:,} parameters; leaves (parameters): " + ", ".join(parts))
+    return out
+
+
+def targets(rows: list[dict]) -> list[tuple[bool, str]]:
+    """The DP targets of issues 4, 6 and 15 (the ghost path) and 21 (per model), each `(passed, line)`."""
+    out = model_targets(rows)
+    rows = [r for r in rows if "model" not in r]
     dense = [r for r in rows if r["variant"].startswith("dense ")]
     rows = [r for r in rows if not r["variant"].startswith("dense ")]
     for hidden, batch in sorted({(r["hidden"], r["batch"]) for r in rows}):
@@ -267,19 +362,32 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=2)
     ap.add_argument("--dense", action="store_true", help="also the Dense-over-sequence model (bench_dense)")
+    ap.add_argument(
+        "--models",
+        default="",
+        help=f"comma-separated issue-21 models, of {', '.join(MODELS)} ('issue21': {', '.join(ISSUE_21)})",
+    )
+    ap.add_argument("--model-batch", type=int, help="batch of every --models model (default: MODELS')")
     args = ap.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    models = [n for m in models for n in (ISSUE_21 if m == "issue21" else (m,))]
+    if unknown := sorted(set(models) - set(MODELS)):
+        ap.error(f"unknown --models {unknown}; choose from {', '.join(MODELS)} or issue21")
     rows = []
-    for config in args.configs.split(","):
+    for config in args.configs.split(",") if args.configs else ():
         hidden, batch = (int(v) for v in config.split("x"))
         rows += bench(hidden, batch, args.repeats, args.inner)
     if args.dense:
         rows += bench_dense(args.repeats, args.inner)
+    rows += bench_models(models, args.repeats, args.inner, args.model_batch)
     for r in rows:
         vs_jp = "-" if r["vs_jax_privacy"] is None else f"{r['vs_jax_privacy']:.3f}"
         print(
             f"| {r['hidden']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} "
             f"| {r['vs_nonprivate']:.2f} | {vs_jp} | {r['temp_MiB']:.1f} |"
         )
+    for line in path_lines(rows):
+        print(line)
     print_checks(targets(rows))
     return rows
 
