@@ -59,6 +59,9 @@ def _backward(traced: Traced, plan: Plan, leaves: list, examples: list, batch: i
     fallback = [i for i in range(len(leaves)) if i not in tapped]
     recorded = list(plan.record_ids.values())
     inner = lambda eqn: plan.inner.get(id(eqn), ([], []))
+    # Arrays of a scan's steps are time-major, `[steps..., B, ...]`, as the scans stack them.
+    z_axes = [len(scans) for scans, _ in plan.point_shapes]
+    rec_axes = [len(plan.records[r].scans) for r in recorded]
 
     def one(fb_vals, zs, ex):
         params = list(leaves)
@@ -70,12 +73,11 @@ def _backward(traced: Traced, plan: Plan, leaves: list, examples: list, batch: i
 
     like = next((x for x in leaves if _varying_axes(x)), None)
     zs = [
-        _zeros((batch, *ops_steps(scans), *aval.shape), aval.dtype, like) for scans, aval in plan.point_shapes
+        _zeros((*ops_steps(scans), batch, *aval.shape), aval.dtype, like) for scans, aval in plan.point_shapes
     ]
     fb = [jnp.broadcast_to(leaves[i], (batch, *jnp.shape(leaves[i]))) for i in fallback]
-    losses, vjp_fn, (recs, aux) = jax.vjp(
-        lambda fb, zs: jax.vmap(one)(fb, zs, examples), fb, zs, has_aux=True
-    )
+    batched = jax.vmap(one, in_axes=(0, z_axes, 0), out_axes=(0, (rec_axes, 0)))
+    losses, vjp_fn, (recs, aux) = jax.vjp(lambda fb, zs: batched(fb, zs, examples), fb, zs, has_aux=True)
     g_fb, g_zs = vjp_fn(jnp.ones_like(losses))
     records = dict(zip(recorded, recs, strict=True))
     for rid, r in enumerate(plan.records):
@@ -96,10 +98,11 @@ def _zeros(shape, dtype, like) -> jax.Array:
     return z
 
 
-def _site_records(site, records: dict) -> tuple[list, list]:
-    """The site's record arrays and their step flags, in operand order."""
+def _site_records(plan, site, records: dict) -> tuple[list, list, list]:
+    """The site's record arrays, their batch axes and their step flags, in operand order."""
     used = [r for r in site.records if r is not None]
-    return [records[rid] for rid, _ in used], [flags for _, flags in used]
+    bdims = [0 if plan.records[rid].source is not None else len(plan.records[rid].scans) for rid, _ in used]
+    return [records[rid] for rid, _ in used], bdims, [flags for _, flags in used]
 
 
 def _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch) -> list:
@@ -107,39 +110,44 @@ def _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch) -> list
     sq: list = [jnp.zeros((batch,), F32)] * len(leaves)
     grams: dict = {}
     for site in plan.sites:
-        recs, flags = _site_records(site, records)
+        recs, bdims, flags = _site_records(plan, site, records)
         g = g_zs[site.point]
         if modes[site.leaf] == GHOST and site.kind == "dot_general":
             (rid, fl) = next(r for r in site.records if r is not None)
             key = (rid, fl, *ops._dot_dims(site)[:3])
-            sq[site.leaf] = ops.dot_ghost_sq(site, recs[0], flags[0], g, grams, key)
+            sq[site.leaf] = ops.dot_ghost_sq(site, recs[0], bdims[0], flags[0], g, grams, key)
         elif modes[site.leaf] == GHOST:
-            sq[site.leaf] = ops.embedding_ghost_sq(site, recs[0], flags[0], g)
+            sq[site.leaf] = ops.embedding_ghost_sq(site, recs[0], bdims[0], flags[0], g)
         else:
-            per = ops.per_example_grads(site, leaves[site.leaf], recs, g).astype(F32)
+            per = ops.per_example_grads(site, leaves[site.leaf], recs, bdims, g).astype(F32)
             sq[site.leaf] = jnp.sum(jnp.square(per).reshape(batch, -1), axis=1)
     for i, g in zip(fallback, g_fb, strict=True):
         sq[i] = jnp.sum(jnp.square(g.astype(F32)).reshape(batch, -1), axis=1)
     return sq
 
 
-def _keep(ok: jax.Array, x: jax.Array) -> jax.Array:
+def _row(v: jax.Array, x: jax.Array, bdim: int) -> jax.Array:
+    """`v` (`[B]`) shaped to broadcast against `x`, whose batch axis is `bdim`."""
+    return v.reshape((1,) * bdim + (-1,) + (1,) * (x.ndim - bdim - 1))
+
+
+def _keep(ok: jax.Array, x: jax.Array, bdim: int = 0) -> jax.Array:
     """Rows that are not real and finite read as 0 (a select fused into the consumer; 0 * NaN is NaN)."""
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         return x
-    return jnp.where(ok.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+    return jnp.where(_row(ok, x, bdim), x, jnp.zeros((), x.dtype))
 
 
 def _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok) -> list:
     """Each leaf's clipped sum (float32): the sites' weighted VJPs, the fallback's weighted row sums."""
     sums: list = [None] * len(leaves)
     for site in plan.sites:
-        recs, _ = _site_records(site, records)
-        w = weights[site.leaf]
-        g = _keep(ok, g_zs[site.point])
-        g = g * w.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-        recs = [_keep(ok, r) for r in recs]
-        sums[site.leaf] = ops.weighted_sum(site, leaves[site.leaf], recs, g).astype(F32)
+        recs, bdims, _ = _site_records(plan, site, records)
+        s = len(site.scans)
+        g = _keep(ok, g_zs[site.point], s)
+        g = g * _row(weights[site.leaf], g, s).astype(g.dtype)
+        recs = [_keep(ok, r, d) for r, d in zip(recs, bdims, strict=True)]
+        sums[site.leaf] = ops.weighted_sum(site, leaves[site.leaf], recs, bdims, g).astype(F32)
     for i, g in zip(fallback, g_fb, strict=True):
         g = _keep(ok, g.astype(F32))
         sums[i] = jnp.tensordot(weights[i], g, axes=1, precision=jax.lax.Precision.HIGHEST)

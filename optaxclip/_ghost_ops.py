@@ -2,7 +2,10 @@
 
 A site computes `op(..., chain(leaf), ...)`; its other operands `A`
 (records) and its output cotangent `G` come per example, with one axis per
-enclosing scan step (`[B, steps..., ...]`). From them:
+enclosing scan step. `G` is time-major, `[steps..., B, ...]` (as a scan
+stacks its outputs: no transpose at the scan's boundary), and so is a
+record made inside scans; `bdims` says where each array's batch axis is.
+From them:
 
 - the materialised per-example gradient (any site): the VJP of the site,
   vmapped over the steps and the batch;
@@ -62,24 +65,27 @@ def _stepped(site: Site) -> Callable:
     return f
 
 
-def per_example_grads(site: Site, leaf, recs: list, g: jax.Array) -> jax.Array:
+def per_example_grads(site: Site, leaf, recs: list, bdims: list, g: jax.Array) -> jax.Array:
     """`[B, *leaf.shape]`: each example's gradient of the leaf, from the site's VJP."""
     f = _stepped(site)
 
     def one(recs_b, g_b):
         return jax.vjp(lambda w: f(w, *recs_b), leaf)[1](g_b)[0]
 
-    return jax.vmap(one, axis_size=g.shape[0])(recs, g)
+    s = len(site.scans)
+    return jax.vmap(one, in_axes=(list(bdims), s), axis_size=g.shape[s])(recs, g)
 
 
-def weighted_sum(site: Site, leaf, recs: list, g: jax.Array) -> jax.Array:
+def weighted_sum(site: Site, leaf, recs: list, bdims: list, g: jax.Array) -> jax.Array:
     """`sum_b` of each example's gradient of the leaf at cotangents `g` (already weighted and masked)."""
-    f = jax.vmap(_stepped(site), in_axes=(None, *([0] * len(recs))), axis_size=g.shape[0])
+    s = len(site.scans)
+    f = jax.vmap(_stepped(site), in_axes=(None, *bdims), out_axes=s, axis_size=g.shape[s])
     return jax.vjp(lambda w: f(w, *recs), leaf)[1](g)[0]
 
 
-def _all_steps(a: jax.Array, flags: tuple, steps: tuple) -> jax.Array:
-    """A record `[B, present steps..., ...]` broadcast to `[B, steps..., ...]`."""
+def _all_steps(a: jax.Array, bdim: int, flags: tuple, steps: tuple) -> jax.Array:
+    """A record (batch axis at `bdim`, some steps' axes) as `[B, steps..., ...]`."""
+    a = jnp.moveaxis(a, bdim, 0)
     for k, present in enumerate(flags):
         if not present:
             a = jnp.expand_dims(a, 1 + k)
@@ -112,13 +118,14 @@ def dot_shapes(site: Site) -> tuple[int, int, int, int]:
     return h, n, c, out // max(h * size(xf), 1)
 
 
-def dot_ghost_sq(site: Site, a: jax.Array, flags: tuple, g: jax.Array, grams: dict, key) -> jax.Array:
+def dot_ghost_sq(site: Site, a: jax.Array, bdim: int, flags: tuple, g, grams: dict, key) -> jax.Array:
     """`sum_h sum_{n,m} (a_hn . a_hm)(g_hn . g_hm)` per example (Li et al. 2021)."""
     xc, xb, xf, out = _dot_dims(site)
     h, n, c, f = dot_shapes(site)
-    batch, s = g.shape[0], len(site.steps)
+    s = len(site.steps)
+    g, batch = jnp.moveaxis(g, s, 0), g.shape[s]
     if key not in grams:
-        a = _all_steps(a, flags, site.steps).astype(F32)
+        a = _all_steps(a, bdim, flags, site.steps).astype(F32)
         perm = [
             0,
             *(1 + s + d for d in xb),
@@ -153,11 +160,12 @@ def is_embedding(site: Site) -> bool:
     )
 
 
-def embedding_ghost_sq(site: Site, ids: jax.Array, flags: tuple, g: jax.Array) -> jax.Array:
+def embedding_ghost_sq(site: Site, ids: jax.Array, bdim: int, flags: tuple, g: jax.Array) -> jax.Array:
     """`sum_{n,m} [id_n == id_m] g_n . g_m` per example, with the gather's own index mode."""
     vocab = site.eqn.invars[0].aval.shape[0]
-    batch = g.shape[0]
-    ids = _all_steps(ids, flags, site.steps).reshape(batch, -1)
+    s = len(site.steps)
+    g, batch = jnp.moveaxis(g, s, 0), g.shape[s]
+    ids = _all_steps(ids, bdim, flags, site.steps).reshape(batch, -1)
     g = g.astype(F32).reshape(batch, ids.shape[1], -1)
     if site.eqn.params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
         valid = (ids >= 0) & (ids < vocab)  # out of range: read as the fill value, no gradient
