@@ -228,14 +228,18 @@ def gradient_fns(args, example_loss, batch_loss):
     return {"ghost": clipped(fast), "vmap": clipped(slow), "non-private": plain}, fast
 
 
-def median_ms(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
+def median_ms(fns: dict, *args, reps: int) -> dict[str, float]:
+    """Median ms per call of each `fns[name](*args)`, compiled first, the calls interleaved (so a
+    busy machine slows every path alike)."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))  # compile
     for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
 def run(name: str, args, rows: np.ndarray, test: np.ndarray, noise: float) -> dict:
@@ -245,10 +249,7 @@ def run(name: str, args, rows: np.ndarray, test: np.ndarray, noise: float) -> di
     grads, fast = gradient_fns(args, example_loss, batch_loss)
     padded = padded_size(args.batch)
     x0, y0 = jnp.asarray(rows[:padded, :-1]), jnp.asarray(rows[:padded, 1:])
-    ms = {
-        path: median_ms(g, params, x0, y0, jnp.ones(padded, bool), reps=args.reps)
-        for path, g in grads.items()
-    }
+    ms = median_ms(grads, params, x0, y0, jnp.ones(padded, bool), reps=args.reps)
 
     tx = optax.chain(
         optaxclip.dp_aggregate(args.clip, noise, jax.random.key(args.seed), expected_batch_size=args.batch),
@@ -298,7 +299,7 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3, help="adam learning rate")
     ap.add_argument("--clip", type=float, default=1.0, help="per-example L2 clip norm")
     ap.add_argument("--noise", type=float, default=1.0, help="noise multiplier")
-    ap.add_argument("--reps", type=int, default=5, help="timed repeats of each step")
+    ap.add_argument("--reps", type=int, default=15, help="timed calls of each path (interleaved)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     unknown = set(args.models.split(",")) - set(MODELS)
