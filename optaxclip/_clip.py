@@ -55,17 +55,27 @@ def clip_units(
     the largest global norm the clipped leaves can have. Returns the scaled
     leaves and the new stats.
     """
-    bounds = [jnp.broadcast_to(jnp.maximum(b, 0.0), n.shape) for n, b in zip(norms, bounds, strict=True)]
-    factors = [_norms.scale_factor(n, b) for n, b in zip(norms, bounds, strict=True)]
-    out = [_norms.scale(g, f) for g, f in zip(leaves, factors, strict=True)]
+    shapes = [n.shape for n in norms]
+    if not shapes:
+        return [], _stats.record(
+            stats,
+            pre_clip_norm=_norms.combine_norms(list(unclipped_norms)),
+            post_clip_norm=_norms.combine_norms(list(unclipped_norms)),
+            threshold=jnp.zeros((), F32),
+            clipped=jnp.zeros((), bool),
+        )
+    # All units in one vector: a few operations in all, not a few small kernels per leaf.
+    flat = lambda xs: jnp.concatenate([jnp.reshape(x, (-1,)) for x in xs])  # noqa: E731
+    norm = flat(norms)
+    bound = flat([jnp.broadcast_to(jnp.maximum(b, 0.0), s) for b, s in zip(bounds, shapes, strict=True)])
+    factor = _norms.scale_factor(norm, bound)
+    out = [_norms.scale(g, f) for g, f in zip(leaves, _norms.split(factor, shapes), strict=True)]
     unclipped = list(unclipped_norms)
-    post = [n * f for n, f in zip(norms, factors, strict=True)]
-    clipped = jnp.any(jnp.stack([jnp.any(f < 1) for f in factors])) if factors else jnp.zeros((), bool)
     stats = _stats.record(
         stats,
-        pre_clip_norm=_norms.combine_norms(list(norms) + unclipped),
-        post_clip_norm=_norms.combine_norms(post + unclipped),
-        threshold=_norms.combine_norms(bounds),
-        clipped=clipped,
+        pre_clip_norm=_norms.combine_norms([norm, *unclipped]),
+        post_clip_norm=_norms.combine_norms([norm * factor, *unclipped]),
+        threshold=_norms.combine_norms([bound]),
+        clipped=jnp.any(factor < 1),
     )
     return out, stats

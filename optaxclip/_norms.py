@@ -23,6 +23,7 @@ entry points refuse integer and bool leaves instead: see `dp_aggregate`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -102,13 +103,28 @@ def global_norm(tree, axis_name: str | None = None) -> jax.Array:
 
 
 def unit_norms(leaves: Sequence[jax.Array], axes: Sequence[Axes], axis_name: str | None = None) -> list:
-    """Norm of each array over its `axes` (dims kept): per-leaf or per-unit norms."""
-    out = []
-    for x, a in zip(leaves, axes, strict=True):
-        plain, scaled = sumsq_pair(x, a)
-        if axis_name is not None:
-            plain, scaled = jax.lax.psum((plain, scaled), axis_name)
-        out.append(root(plain, scaled))
+    """Norm of each array over its `axes` (dims kept): per-leaf or per-unit norms.
+
+    The per-leaf sums are concatenated so that the root (and the `psum`)
+    is one operation over all units rather than a few small ones per leaf.
+    """
+    if not leaves:
+        return []
+    pairs = [sumsq_pair(x, a) for x, a in zip(leaves, axes, strict=True)]
+    plain = jnp.concatenate([p.reshape(-1) for p, _ in pairs])
+    scaled = jnp.concatenate([s.reshape(-1) for _, s in pairs])
+    if axis_name is not None:
+        plain, scaled = jax.lax.psum((plain, scaled), axis_name)
+    return split(root(plain, scaled), [p.shape for p, _ in pairs])
+
+
+def split(flat: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list[jax.Array]:
+    """`flat` cut into consecutive pieces of the given shapes (the inverse of concatenating them)."""
+    out, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(flat[start : start + size].reshape(shape))
+        start += size
     return out
 
 
