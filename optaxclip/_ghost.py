@@ -45,7 +45,7 @@ def _analyse(loss_fn, args, argnums, batch_argnums, has_aux) -> tuple[Traced, Pl
     """The traced loss, its plan, and each tapped leaf's mode (ghost or materialised)."""
     traced = trace_example(loss_fn, args, argnums, batch_argnums, has_aux)
     plan = make_plan(traced.jaxpr, traced.n_params)
-    return traced, plan, {s.leaf: ops.choose_mode(s) for s in plan.sites}
+    return traced, plan, ops.choose_modes(plan.sites)
 
 
 def _backward(traced: Traced, plan: Plan, leaves: list, examples: list, batch: int):
@@ -113,13 +113,11 @@ def _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch) -> list
         recs, bdims, flags = _site_records(plan, site, records)
         g = g_zs[site.point]
         if modes[site.leaf] == GHOST and site.kind == "dot_general":
-            (rid, fl) = next(r for r in site.records if r is not None)
-            key = (rid, fl, *ops._dot_dims(site)[:3])
-            sq[site.leaf] = ops.dot_ghost_sq(site, recs[0], bdims[0], flags[0], g, grams, key)
+            sq[site.leaf] = ops.dot_ghost_sq(site, recs[0], bdims[0], flags[0], g, grams)
         elif modes[site.leaf] == GHOST:
             sq[site.leaf] = ops.embedding_ghost_sq(site, recs[0], bdims[0], flags[0], g)
         else:
-            per = ops.per_example_grads(site, leaves[site.leaf], recs, bdims, g).astype(F32)
+            per = ops.per_example_grads(site, leaves[site.leaf], recs, bdims, flags, g).astype(F32)
             sq[site.leaf] = jnp.sum(jnp.square(per).reshape(batch, -1), axis=1)
     for i, g in zip(fallback, g_fb, strict=True):
         sq[i] = jnp.sum(jnp.square(g.astype(F32)).reshape(batch, -1), axis=1)
@@ -139,15 +137,30 @@ def _keep(ok: jax.Array, x: jax.Array, bdim: int = 0) -> jax.Array:
 
 
 def _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok) -> list:
-    """Each leaf's clipped sum (float32): the sites' weighted VJPs, the fallback's weighted row sums."""
+    """Each leaf's clipped sum (float32): the sites' weighted VJPs, the fallback's weighted row sums.
+
+    The masked records and the masked, weighted cotangents are made once and
+    shared by the sites that read them (an LSTM gate's input kernel, hidden
+    kernel and bias share one `G`; with one global clip factor, one weighted
+    copy serves them all).
+    """
     sums: list = [None] * len(leaves)
+    kept: dict = {}
     for site in plan.sites:
-        recs, bdims, _ = _site_records(plan, site, records)
-        s = len(site.scans)
-        g = _keep(ok, g_zs[site.point], s)
-        g = g * _row(weights[site.leaf], g, s).astype(g.dtype)
-        recs = [_keep(ok, r, d) for r, d in zip(recs, bdims, strict=True)]
-        sums[site.leaf] = ops.weighted_sum(site, leaves[site.leaf], recs, bdims, g).astype(F32)
+        recs, bdims, flags = _site_records(plan, site, records)
+        rids = [r[0] for r in site.records if r is not None]
+        s, w = len(site.scans), weights[site.leaf]
+        if (site.point, id(w)) not in kept:
+            g = _keep(ok, g_zs[site.point], s)
+            kept[site.point, id(w)] = g * _row(w, g, s).astype(g.dtype)
+        for rid, r, d in zip(rids, recs, bdims, strict=True):
+            if rid not in kept:
+                kept[rid] = _keep(ok, r, d)
+        recs = [kept[rid] for rid in rids]
+        sums[site.leaf] = ops.weighted_sum(
+            site, leaves[site.leaf], recs, bdims, flags, kept[site.point, id(w)]
+        )
+        sums[site.leaf] = sums[site.leaf].astype(F32)
     for i, g in zip(fallback, g_fb, strict=True):
         g = _keep(ok, g.astype(F32))
         sums[i] = jnp.tensordot(weights[i], g, axes=1, precision=jax.lax.Precision.HIGHEST)

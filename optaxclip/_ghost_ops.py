@@ -17,6 +17,7 @@ From them:
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Callable, Sequence
 
 import jax
@@ -65,20 +66,80 @@ def _stepped(site: Site) -> Callable:
     return f
 
 
-def per_example_grads(site: Site, leaf, recs: list, bdims: list, g: jax.Array) -> jax.Array:
-    """`[B, *leaf.shape]`: each example's gradient of the leaf, from the site's VJP."""
+def _chain(site: Site) -> Callable:
+    """`leaf -> the site's weight operand` (the chain's ops, re-bound)."""
+
+    def f(leaf):
+        for eqn, pos in site.chain:
+            leaf = _bind(eqn, [leaf if k == pos else u.val for k, u in enumerate(eqn.invars)])
+        return leaf
+
+    return f
+
+
+def _dot_spec(site: Site, bdim: int, flags: tuple) -> tuple[str, str, str]:
+    """einsum terms of a dot site: its record `A`, its `G`, its weight operand (the batch letter first).
+
+    `A` has the batch axis at `bdim` among the step axes it has (`flags`),
+    `G` is `[steps..., B, out...]`; a step axis `A` lacks is summed in `G`
+    first (an `A` constant over the steps).
+    """
+    (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+    x_pos = 1 - site.pos
+    (xc, wc), (xb, wb) = ((lc, rc), (lb, rb)) if x_pos == 0 else ((rc, lc), (rb, lb))
+    x_ndim, w_ndim = site.eqn.invars[x_pos].aval.ndim, site.eqn.invars[site.pos].aval.ndim
+    letters = iter(string.ascii_letters)
+    steps = [next(letters) for _ in site.scans]
+    batch = next(letters)
+    xl, wl = [""] * x_ndim, [""] * w_ndim
+    for dx, dw in zip((*xc, *xb), (*wc, *wb), strict=True):
+        xl[dx] = wl[dw] = next(letters)
+    xf = [d for d in range(x_ndim) if not xl[d]]
+    wf = [d for d in range(w_ndim) if not wl[d]]
+    for d in xf:
+        xl[d] = next(letters)
+    for d in wf:
+        wl[d] = next(letters)
+    free = [xl[d] for d in xf], [wl[d] for d in wf]
+    out = [xl[d] for d in xb] + (free[0] + free[1] if x_pos == 0 else free[1] + free[0])
+    present = [s for s, f in zip(steps, flags, strict=True) if f]
+    a = present[:bdim] + [batch] + present[bdim:] + xl
+    return "".join(a), "".join(steps + [batch] + out), batch + "".join(wl)
+
+
+def per_example_grads(site: Site, leaf, recs: list, bdims: list, flags: list, g: jax.Array) -> jax.Array:
+    """`[B, *leaf.shape]`: each example's gradient of the leaf (the site's VJP; one einsum for a dot)."""
+    s = len(site.scans)
+    if site.kind == "dot_general":
+        a, gs, w = _dot_spec(site, bdims[0], flags[0])
+        per = jnp.einsum(f"{a},{gs}->{w}", recs[0], g, precision=HIGHEST, preferred_element_type=F32)
+        if not site.chain:
+            return per
+        chain = _chain(site)
+        return jax.vmap(lambda x: jax.vjp(chain, leaf)[1](x.astype(chain(leaf).dtype))[0])(per)
     f = _stepped(site)
 
     def one(recs_b, g_b):
         return jax.vjp(lambda w: f(w, *recs_b), leaf)[1](g_b)[0]
 
-    s = len(site.scans)
     return jax.vmap(one, in_axes=(list(bdims), s), axis_size=g.shape[s])(recs, g)
 
 
-def weighted_sum(site: Site, leaf, recs: list, bdims: list, g: jax.Array) -> jax.Array:
-    """`sum_b` of each example's gradient of the leaf at cotangents `g` (already weighted and masked)."""
+def weighted_sum(site: Site, leaf, recs: list, bdims: list, flags: list, g: jax.Array) -> jax.Array:
+    """`sum_b` of each example's gradient of the leaf at cotangents `g` (already weighted and masked).
+
+    For a dot, one einsum over the batch and the positions (the weight
+    gradient of the non-private backward pass, laid out as XLA prefers),
+    then the chain's VJP; else the VJP of the batched site.
+    """
     s = len(site.scans)
+    if site.kind == "dot_general":
+        a, gs, w = _dot_spec(site, bdims[0], flags[0])
+        total = jnp.einsum(f"{a},{gs}->{w[1:]}", recs[0], g, preferred_element_type=F32)
+        if not site.chain:
+            return total
+        chain = _chain(site)
+        return jax.vjp(chain, leaf)[1](total.astype(chain(leaf).dtype))[0]
     f = jax.vmap(_stepped(site), in_axes=(None, *bdims), out_axes=s, axis_size=g.shape[s])
     return jax.vjp(lambda w: f(w, *recs), leaf)[1](g)[0]
 
@@ -118,13 +179,27 @@ def dot_shapes(site: Site) -> tuple[int, int, int, int]:
     return h, n, c, out // max(h * size(xf), 1)
 
 
-def dot_ghost_sq(site: Site, a: jax.Array, bdim: int, flags: tuple, g, grams: dict, key) -> jax.Array:
-    """`sum_h sum_{n,m} (a_hn . a_hm)(g_hn . g_hm)` per example (Li et al. 2021)."""
+def gram_keys(site: Site) -> tuple[tuple, tuple]:
+    """Keys of a dot site's two Gram matrices: sites reading one record, or one `G`, share them."""
+    xc, xb, xf, out = _dot_dims(site)
+    h, n, _, f = dot_shapes(site)
+    rid, flags = next(r for r in site.records if r is not None)
+    return ("a", rid, flags, xc, xb, xf), ("g", site.point, out, len(xb), h, n, f)
+
+
+def dot_ghost_sq(site: Site, a: jax.Array, bdim: int, flags: tuple, g, grams: dict) -> jax.Array:
+    """`sum_h sum_{n,m} (a_hn . a_hm)(g_hn . g_hm)` per example (Li et al. 2021).
+
+    The Gram matrices are cached in `grams`: an LSTM gate's input and hidden
+    kernels share the Gram of its `G`, q/k/v projections the Gram of their
+    input.
+    """
     xc, xb, xf, out = _dot_dims(site)
     h, n, c, f = dot_shapes(site)
     s = len(site.steps)
-    g, batch = jnp.moveaxis(g, s, 0), g.shape[s]
-    if key not in grams:
+    batch = g.shape[s]
+    a_key, g_key = gram_keys(site)
+    if a_key not in grams:
         a = _all_steps(a, bdim, flags, site.steps).astype(F32)
         perm = [
             0,
@@ -134,12 +209,14 @@ def dot_ghost_sq(site: Site, a: jax.Array, bdim: int, flags: tuple, g, grams: di
             *(1 + s + d for d in xc),
         ]
         x = a.transpose(perm).reshape(batch, h, n, c)
-        grams[key] = jnp.einsum("bhnc,bhmc->bhnm", x, x, precision=HIGHEST)
-    nb = len(xb)
-    perm = [0, *(1 + s + d for d in out[:nb]), *range(1, 1 + s), *(1 + s + d for d in out[nb:])]
-    gm = g.astype(F32).transpose(perm).reshape(batch, h, n, f)
-    gram_g = jnp.einsum("bhnf,bhmf->bhnm", gm, gm, precision=HIGHEST)
-    return jnp.sum(grams[key] * gram_g, axis=(1, 2, 3))
+        grams[a_key] = jnp.einsum("bhnc,bhmc->bhnm", x, x, precision=HIGHEST)
+    if g_key not in grams:
+        nb = len(xb)
+        g = jnp.moveaxis(g, s, 0)
+        perm = [0, *(1 + s + d for d in out[:nb]), *range(1, 1 + s), *(1 + s + d for d in out[nb:])]
+        gm = g.astype(F32).transpose(perm).reshape(batch, h, n, f)
+        grams[g_key] = jnp.einsum("bhnf,bhmf->bhnm", gm, gm, precision=HIGHEST)
+    return jnp.sum(grams[a_key] * grams[g_key], axis=(1, 2, 3))
 
 
 def is_embedding(site: Site) -> bool:
@@ -194,3 +271,23 @@ def choose_mode(site: Site) -> str:
         n = math.prod(site.eqn.invars[1].aval.shape[:-1]) * math.prod(site.steps)
         return GHOST if 2 * n * n < table.size else MATERIALISED
     return MATERIALISED
+
+
+def choose_modes(sites: list[Site]) -> dict[int, str]:
+    """Each site's mode: `choose_mode`, then a dense site turns ghost where the Gram matrices it
+    still needs cost fewer flops than its materialised gradient and no more memory (an LSTM's input
+    kernels: the Gram of each gate's `G` is made for its hidden kernel already; q/k/v share one)."""
+    modes = {site.leaf: choose_mode(site) for site in sites}
+    dots = [site for site in sites if site.kind == "dot_general" and site.isometric]
+    made = {key for site in dots if modes[site.leaf] == GHOST for key in gram_keys(site)}
+    for site in dots:
+        if modes[site.leaf] == GHOST:
+            continue
+        h, n, c, f = dot_shapes(site)
+        a_key, g_key = gram_keys(site)
+        new = [(key, width) for key, width in ((a_key, c), (g_key, f)) if key not in made]
+        flops = sum(h * n * n * width for _, width in new)
+        if flops < h * n * c * f and len(new) * n * n <= c * f:
+            modes[site.leaf] = GHOST
+            made.update(key for key, _ in new)
+    return modes
