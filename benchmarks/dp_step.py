@@ -234,7 +234,17 @@ def bench_dense(repeats: int, inner: int) -> list[dict]:
     ]
 
 
-def bench_models(names, repeats: int, inner: int, batch: int | None = None) -> list[dict]:
+def _gradient_temps(grads_of: dict, params, x, y) -> dict[str, float]:
+    """XLA temp MiB of each gradient computation alone (no noise, no adam): the engine's own share."""
+    return {
+        name: jax.jit(f).lower(params, x, y).compile().memory_analysis().temp_size_in_bytes / 2**20
+        for name, f in grads_of.items()
+    }
+
+
+def bench_models(
+    names, repeats: int, inner: int, batch: int | None = None, grad_temp: bool = False
+) -> list[dict]:
     """Issue 21's rows: per model (`MODELS`), the non-private, vmap-path and ghost-path DP steps.
 
     Each variant is one jitted step with adam (params and state donated): the
@@ -243,6 +253,9 @@ def bench_models(names, repeats: int, inner: int, batch: int | None = None) -> l
     Rows as `bench`'s (`hidden` is the LSTM hidden size or the transformer
     width), plus `model` and, on the ghost row, `paths`: `{path: (leaves,
     parameters)}` from `.paths()`. `batch` overrides every model's batch.
+    `grad_temp` adds `grad_temp_MiB`, the temp of the gradient computation
+    alone (compiled, not timed), which separates the engine's memory from
+    `dp_aggregate`'s and adam's.
     """
     rows = []
     for name in names:
@@ -255,14 +268,16 @@ def bench_models(names, repeats: int, inner: int, batch: int | None = None) -> l
         ghost = optaxclip.ghost_clipped_grad_sum(example_loss, batch_argnums=(1, 2))
         vmap = optaxclip.clipped_grad_sum(example_loss, batch_argnums=(1, 2))
 
-        variants = {
-            f"{name} non-private": _chain_step(adam, jax.grad(batch_loss)),
-            f"{name} vmap": _chain_step(dp, lambda p, x, y, f=vmap: f(p, x, y, l2_norm_clip=CLIP)),
-            f"{name} ghost": _chain_step(dp, lambda p, x, y, f=ghost: f(p, x, y, l2_norm_clip=CLIP)),
+        grads_of = {
+            f"{name} non-private": jax.grad(batch_loss),
+            f"{name} vmap": lambda p, x, y, f=vmap: f(p, x, y, l2_norm_clip=CLIP),
+            f"{name} ghost": lambda p, x, y, f=ghost: f(p, x, y, l2_norm_clip=CLIP),
         }
+        variants = {k: _chain_step(adam if k.endswith("non-private") else dp, f) for k, f in grads_of.items()}
         tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (b, seq + 1)), jnp.int32)
         x, y = tokens[:, :-1], tokens[:, 1:]
         medians, temps = time_donated_steps(variants, params, (x, y), repeats, inner)
+        grad_temps = _gradient_temps(grads_of, params, x, y) if grad_temp else {}
         sizes = {jax.tree_util.keystr(k): v.size for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
         paths = {}
         for leaf, path in ghost.paths(params, x, y).items():
@@ -273,6 +288,7 @@ def bench_models(names, repeats: int, inner: int, batch: int | None = None) -> l
             row = {"variant": variant, "model": name, "hidden": kwargs.get("hidden", kwargs.get("width"))}
             row |= {"batch": b, "params": sum(sizes.values()), "median_ms": med * 1e3}
             row |= {"vs_nonprivate": med / base, "vs_jax_privacy": None, "temp_MiB": temps[variant] / 2**20}
+            row |= {"grad_temp_MiB": grad_temps[variant]} if grad_temps else {}
             rows.append(row | ({"paths": paths} if variant.endswith(" ghost") else {}))
     return rows
 
@@ -302,6 +318,15 @@ def path_lines(rows: list[dict]) -> list[str]:
         if "paths" in r:
             parts = [f"{p} {n} ({size:,})" for p, (n, size) in sorted(r["paths"].items())]
             out.append(f"{r['model']}: {r['params']:,} parameters; leaves (parameters): " + ", ".join(parts))
+    for name in dict.fromkeys(r["model"] for r in rows if "grad_temp_MiB" in r):
+        temps = {
+            r["variant"].removeprefix(f"{name} "): r["grad_temp_MiB"] for r in rows if r.get("model") == name
+        }
+        out.append(
+            f"{name}: gradient computation alone, XLA temp MiB: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in temps.items())
+            + f" (ghost / non-private {temps['ghost'] / max(temps['non-private'], 1e-9):.3f})"
+        )
     return out
 
 
@@ -368,6 +393,9 @@ def main(argv=None):
         help=f"comma-separated issue-21 models, of {', '.join(MODELS)} ('issue21': {', '.join(ISSUE_21)})",
     )
     ap.add_argument("--model-batch", type=int, help="batch of every --models model (default: MODELS')")
+    ap.add_argument(
+        "--grad-temp", action="store_true", help="--models: also the temp of the gradient computation alone"
+    )
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     models = [n for m in models for n in (ISSUE_21 if m == "issue21" else (m,))]
@@ -379,7 +407,7 @@ def main(argv=None):
         rows += bench(hidden, batch, args.repeats, args.inner)
     if args.dense:
         rows += bench_dense(args.repeats, args.inner)
-    rows += bench_models(models, args.repeats, args.inner, args.model_batch)
+    rows += bench_models(models, args.repeats, args.inner, args.model_batch, args.grad_temp)
     for r in rows:
         vs_jp = "-" if r["vs_jax_privacy"] is None else f"{r['vs_jax_privacy']:.3f}"
         print(
