@@ -162,65 +162,67 @@ def _exponent(m: jax.Array) -> jax.Array:
     return jnp.clip(jnp.frexp(m)[1], -126, 126)
 
 
-def _value_sums(x: jax.Array, lo: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The float32 sum of squares of `x`, and how many of its elements lie outside `[lo, hi]`.
+def _paired(x: jax.Array, *scalars: jax.Array):
+    """`x` in float32 and `scalars` as runtime values paired with it by a barrier.
 
-    Two reductions of `x` (fused into one read on GPU and TPU, two loops on
-    XLA:CPU): the plain sum is finite for norms below about 1.8e19. The
-    count is `sum(clip(max(x - hi, lo - x) * 2**126, 0, 1))`: 1 for an
-    element above `hi` by any normal float32 difference, 0 inside
-    (arithmetic, not a compare: XLA:CPU's reduction fusion takes no
-    predicate and would write one out at the array's size first). Exact
-    while below `2**24`; an element beyond a bound under about 1e-31 by less
-    than float32's smallest normal number is clamped but not counted.
+    XLA would otherwise fold constants into rewrites such as `(hi * s)**2 ->
+    hi**2 * s**2` (inf * 0 for a bound near 1e30), and share one broadcast
+    of a scalar between same-shaped arrays and materialize it at their size.
     """
-    # Runtime scalars paired with this array (see `_norms.sumsq_pair`): XLA would otherwise share
-    # one broadcast of a constant between same-shaped arrays and materialize it at their size.
-    scalars = (jnp.asarray(2.0**126, F32), jnp.asarray(1.0, F32), lo, hi)
-    (big, one, lo, hi), x = jax.lax.optimization_barrier((scalars, x))
-    x = x.astype(F32)
-    plain = jnp.sum(jnp.square(x))
-    count = jnp.sum(jnp.minimum(jnp.maximum(jnp.maximum(x - hi, lo - x) * big, 0.0), one))
-    return plain, count
+    scalars, x = jax.lax.optimization_barrier((scalars, x))
+    return x.astype(F32), scalars
 
 
-def _clamp_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):
-    """Scaled pre-clip sum, post-clip norm and whether an element left `[lo, hi]`, from `x` alone.
+def _norm_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):
+    """The default stats' reductions of `x`: its float32 sum of squares and whether it leaves `[lo, hi]`.
 
-    For `stats="full"`: reductions of elementwise functions of `x`, which
-    XLA fuses into one read on GPU and TPU (no clamped copy of `x` is
-    materialized). The clamped square splits into its positive and negative
-    parts, `clip(x, lo, hi)**2 = min(max(x, lo+)**2, hi+**2) + min(max(-x,
+    The sum of squares, the max and the min of `x`: reductions with no
+    per-element arithmetic beyond the square, which XLA fuses into one read
+    on GPU and TPU and XLA:CPU runs at the cost of about one read (measured
+    in `benchmarks/README.md`). An element left the range exactly when
+    `max(x) > hi` or `min(x) < lo`.
+    """
+    x, (lo, hi) = _paired(x, lo, hi)
+    return jnp.sum(jnp.square(x)), (jnp.max(x) > hi) | (jnp.min(x) < lo)
+
+
+def _full_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):
+    """`stats="full"`'s reductions: sums of squares (plain and `2**-64`-scaled), post-clip norm, count.
+
+    The clamped square splits into its positive and negative parts,
+    `clip(x, lo, hi)**2 = min(max(x, lo+)**2, hi+**2) + min(max(-x,
     (-hi)+)**2, (-lo)+**2)` (`v+ = max(v, 0)`; valid for any `lo <= hi`),
     squared after scaling by a power of two near `max(|lo|, |hi|)` (exact),
     so no bound can overflow or underflow the post-clip sum; contributions
-    below about 1e-19 of that bound are lost. An element left the range
-    exactly when `max(x - hi, lo - x) > 0`.
+    below about 1e-19 of that bound are lost. The count of elements outside
+    the range is `sum(clip(max(x - hi, lo - x) * 2**126, 0, 1))`: 1 for an
+    element beyond a bound by any normal float32 difference, 0 inside
+    (arithmetic, not a compare: XLA:CPU's reduction fusion takes no
+    predicate and would write one out at the array's size first); exact
+    below `2**24`. All are reductions of elementwise functions of `x` (no
+    clamped copy of `x` is materialized).
     """
     k = _exponent(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
-    _, scaled = _norms.sumsq_pair(x, tuple(range(x.ndim)))
-    # As in `_value_sums`: runtime scalars paired with this array.
-    lo, hi, s, x = jax.lax.optimization_barrier((lo, hi, jnp.ldexp(jnp.ones((), F32), -k), x))
+    plain, scaled = _norms.sumsq_pair(x, tuple(range(x.ndim)))
+    big, zero, one = jnp.asarray(2.0**126, F32), jnp.zeros((), F32), jnp.ones((), F32)
+    x, (lo, hi, s, big, zero, one) = _paired(x, lo, hi, jnp.ldexp(one, -k), big, zero, one)
     pos = lambda v: jnp.maximum(v, 0.0) * s  # noqa: E731
-    x = x.astype(F32)
     x_s = x * s
     upper = jnp.minimum(jnp.square(jnp.maximum(x_s, pos(lo))), jnp.square(pos(hi)))
     lower = jnp.minimum(jnp.square(jnp.maximum(-x_s, pos(-hi))), jnp.square(pos(-lo)))
-    inside = jnp.sum(upper + lower)
-    out_of_range = jnp.max(jnp.maximum(x - hi, lo - x), initial=-jnp.inf) > 0
-    return jnp.sum(scaled), jnp.sqrt(inside) * jnp.ldexp(jnp.ones((), F32), k), out_of_range
+    post = jnp.sqrt(jnp.sum(upper + lower)) * jnp.ldexp(jnp.ones((), F32), k)
+    count = jnp.sum(jnp.minimum(jnp.maximum(jnp.maximum(x - hi, lo - x) * big, zero), one))
+    return jnp.sum(plain), jnp.sum(scaled), post, count
 
 
 class ClipByValueState(NamedTuple):
-    """State of `clip_by_value`.
+    """State of `clip_by_value(..., stats="full")`.
 
     Attributes:
-      stats: `ClipStats`; `threshold` is the largest `max(|min_value|,
-        |max_value|)` over the leaves, `clipped` whether any element was
-        clamped.
+      stats: `ClipStats`, as with the default stats, with the exact
+        post-clip norm.
       clipped_fraction: float32 `[]`, the fraction of this step's (float)
-        elements that were clamped; NaN on a non-finite step (and, with
-        `stats="norm"`, on a step whose pre-clip norm exceeds about 1.8e19).
+        elements that were clamped; NaN on a non-finite step.
     """
 
     stats: _stats.ClipStats
@@ -252,37 +254,43 @@ def clip_by_value(
         > 0 and the range is `[-max_value, max_value]`.
       min_value: Lower bound(s), finite and <= `max_value`; defaults to
         `-max_value`.
-      stats: What the state records. `"norm"` (default): the pre-clip
-        norm, whether any element was clamped and the fraction clamped,
-        from two sums over the updates (the sum of squares and the count),
-        as many as an overflow-safe norm takes; `post_clip_norm` equals the
-        pre-clip norm on a step that clamps nothing and is NaN (not
-        computed) on a step that clamps. `"full"`: also the exact post-clip
-        norm and exact pre-clip norms beyond 1.8e19, for three more
-        reductions (each a pass over the updates on XLA:CPU; all fused into
-        one pass on GPU and TPU).
+      stats: What the state records. `"norm"` (default): a `ClipStats` with
+        the pre-clip norm and whether any element was clamped, from the
+        sum of squares, the max and the min of the updates (about the cost
+        of an overflow-safe norm); its `post_clip_norm` equals the pre-clip
+        norm on a step that clamps nothing and is NaN (not computed) on a
+        step that clamps. `"full"`: a `ClipByValueState` that adds the exact
+        post-clip norm, the fraction of elements clamped and overflow-safe
+        pre-clip norms beyond 1.8e19, for two more reductions (each a pass
+        over the updates on XLA:CPU; fused into one on GPU and TPU).
 
     Returns:
-      An `optax.GradientTransformation`; its state is a `ClipByValueState`
-      (a `ClipStats` and `clipped_fraction`).
+      An `optax.GradientTransformation`; its state is a `ClipStats` whose
+      `threshold` is the largest `max(|min_value|, |max_value|)` over the
+      leaves (the largest magnitude an element may keep) and whose
+      `clipped` is true when any element was clamped; with `stats="full"`,
+      a `ClipByValueState` holding it and `clipped_fraction`.
 
     Edge cases:
       An infinite element stays infinite and a NaN stays NaN (optax's
       `clip` turns inf into the bound, hiding the overflow); the step
       counts as non-finite and records `clipped=False`, as the norm clips
-      do. Norms are float32 and overflow-free, except that with
-      `stats="norm"` a pre-clip norm above about 1.8e19 reads as inf (the
-      step counts as non-finite; its elements are clamped all the same):
-      use `stats="full"` to record such norms exactly. Integer and `float0`
-      leaves pass through untouched (a step counter stays as it is) and
-      are left out of the norms and the fraction.
+      do. With the default stats, a pre-clip norm above about 1.8e19 reads
+      as inf and the step counts as non-finite (its elements are clamped
+      all the same); `stats="full"` records such norms exactly. Integer and
+      `float0` leaves pass through untouched (a step counter stays as it
+      is) and are left out of the stats.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip
       >>> tx = optaxclip.clip_by_value(1.0)
       >>> out, state = tx.update({"w": jnp.array([-3.0, 0.5, 2.0, 0.0])}, tx.init(None))
-      >>> print(out["w"], f"{float(state.clipped_fraction):.2f}")
-      [-1.   0.5  1.   0. ] 0.50
+      >>> print(out["w"], bool(state.clipped))
+      [-1.   0.5  1.   0. ] True
+      >>> full = optaxclip.clip_by_value(1.0, stats="full")
+      >>> _, state = full.update({"w": jnp.array([-3.0, 0.5, 2.0, 0.0])}, full.init(None))
+      >>> print(f"{float(state.stats.post_clip_norm):.3f} {float(state.clipped_fraction):.2f}")
+      1.500 0.50
       >>> per_layer = optaxclip.clip_by_value({"head": 100.0, "rnn": 10.0})
       >>> g = {"head": jnp.array([150.0]), "rnn": jnp.array([-20.0])}
       >>> out, _ = per_layer.update(g, per_layer.init(None))
@@ -303,57 +311,63 @@ def clip_by_value(
         one = lambda b: not callable(b) and jax.tree_util.treedef_is_leaf(jax.tree.structure(b))
         if one(min_value) and one(max_value):  # per-leaf pairs are checked at the first update
             _checks.ordered(fn, "min_value", min_value, "max_value", max_value)
+    full = stats == "full"
 
     def init_fn(params):
         del params
-        return ClipByValueState(_stats.init_stats(), jnp.zeros((), F32))
+        return ClipByValueState(_stats.init_stats(), jnp.zeros((), F32)) if full else _stats.init_stats()
 
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef, idx = _norms.float_leaves(updates)
         los, his = _value_leaf_bounds(fn, max_value, min_value, updates)
-        out = list(leaves)
-        sums, full, limits = [], [], []
+        out, reductions = list(leaves), []
         for i in idx:
             lo, hi = los[i], his[i]
-            sums.append(_value_sums(leaves[i], lo, hi))
-            if stats == "full":
-                full.append(_clamp_stats(leaves[i], lo, hi))
-            limits.append(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+            reductions.append((_full_stats if full else _norm_stats)(leaves[i], lo, hi))
             # Keep +-inf (and NaN) as it is: clamping would turn an overflow into the bound.
-            lo, hi, x = jax.lax.optimization_barrier((lo, hi, leaves[i]))  # as in _value_sums
-            x = x.astype(F32)
+            x, (lo, hi) = _paired(leaves[i], lo, hi)
             out[i] = jnp.where(jnp.isfinite(x), jnp.clip(x, lo, hi), x).astype(leaves[i].dtype)
-        new_stats, fraction = _value_stats(state.stats, sums, full, limits, [leaves[i].size for i in idx])
+        limits = [jnp.maximum(jnp.abs(los[i]), jnp.abs(his[i])) for i in idx]
+        threshold = jnp.max(jnp.stack(limits)) if limits else jnp.zeros((), F32)
+        if not full:
+            return treedef.unflatten(out), _value_norm_stats(state, reductions, threshold)
+        new_stats, fraction = _value_full_stats(state.stats, reductions, threshold, [leaves[i] for i in idx])
         return treedef.unflatten(out), ClipByValueState(new_stats, fraction)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _value_stats(stats, sums, full, limits, sizes):
-    """`clip_by_value`'s `ClipStats` and clamped fraction from its per-leaf sums (see `_value_sums`)."""
+def _value_norm_stats(stats, reductions, threshold):
+    """The default `ClipStats` from each leaf's `(sum of squares, out of range)`."""
+    plain = sum((p for p, _ in reductions), jnp.zeros((), F32))
+    pre = jnp.sqrt(plain)  # inf beyond ~1.8e19 (the overflow-safe sum is the full level's)
+    flags = [f for _, f in reductions]
+    clipped = jnp.isfinite(pre) & (jnp.any(jnp.stack(flags)) if flags else False)
+    return _stats.record(
+        stats,
+        pre_clip_norm=pre,
+        post_clip_norm=jnp.where(clipped, jnp.nan, pre),
+        threshold=threshold,
+        clipped=clipped,
+    )
+
+
+def _value_full_stats(stats, reductions, threshold, leaves):
+    """`stats="full"`'s `ClipStats` and clamped fraction from each leaf's `_full_stats`."""
     zero = jnp.zeros((), F32)
-    plain = sum((p for p, _ in sums), zero)
-    count = sum((c for _, c in sums), zero)
-    fraction = jnp.where(jnp.isfinite(plain), count / max(sum(sizes), 1), jnp.nan)
-    if full:
-        pre = _norms.root(plain, sum((sc for sc, _, _ in full), zero))
-        clipped = jnp.any(jnp.stack([f for _, _, f in full])) & jnp.isfinite(pre)
-        # A leaf with nothing clamped keeps its pre-clip norm (its clamped sum may have
-        # lost tiny elements to the bound's scale).
-        post_leaf = [
-            jnp.where(f, post, _norms.root(p, sc)) for (p, _), (sc, post, f) in zip(sums, full, strict=True)
-        ]
-        post = jnp.where(clipped, _norms.combine_norms(post_leaf), pre)
-    else:
-        pre = jnp.sqrt(plain)  # inf beyond ~1.8e19: the overflow-safe sum is the full level's
-        clipped = jnp.isfinite(plain) & (count > 0)
-        post = jnp.where(clipped, jnp.nan, pre)
+    pre = _norms.root(sum((r[0] for r in reductions), zero), sum((r[1] for r in reductions), zero))
+    count = sum((r[3] for r in reductions), zero)
+    clipped = jnp.isfinite(pre) & (count > 0)
+    # A leaf with nothing clamped keeps its pre-clip norm (its clamped sum may have lost tiny
+    # elements to the bound's scale).
+    post_leaf = [jnp.where(c > 0, post, _norms.root(p, s)) for p, s, post, c in reductions]
+    size = max(sum(x.size for x in leaves), 1)
     stats = _stats.record(
         stats,
         pre_clip_norm=pre,
-        post_clip_norm=post,
-        threshold=jnp.max(jnp.stack(limits)) if limits else zero,
+        post_clip_norm=jnp.where(clipped, _norms.combine_norms(post_leaf), pre),
+        threshold=threshold,
         clipped=clipped,
     )
-    return stats, fraction
+    return stats, jnp.where(jnp.isfinite(pre), count / size, jnp.nan)

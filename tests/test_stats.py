@@ -65,8 +65,7 @@ def test_metrics_flat_dict_single_and_several():
     tx = optax.chain(optaxclip.clip_by_value(10.0), optaxclip.clip_by_global_norm(1.0))
     m2 = optaxclip.metrics(_step(tx))
     assert float(m2["0/pre_clip_norm"]) == 5.0 and not bool(m2["0/clipped"])
-    assert bool(m2["1/clipped"]) and len(m2) == 2 * len(optaxclip.ClipStats._fields) + 1
-    assert float(m2["0/clipped_fraction"]) == 0.0  # clip_by_value's own field
+    assert bool(m2["1/clipped"]) and len(m2) == 2 * len(optaxclip.ClipStats._fields)
 
 
 def test_metrics_inside_jit():
@@ -216,3 +215,10 @@ def test_bookkeeping_left_out_meaningful_fields_kept():
     skip = optaxclip.skip_spikes(optax.sgd(1.0), window=8, warmup_steps=4)
     s = optaxclip.metrics(_step(skip, n=2))
     assert "history_index" not in s and "consecutive_skips" in s
+
+
+def test_metrics_report_the_full_value_clip_fraction():
+    tx = optax.chain(optaxclip.clip_by_value(0.5, stats="full"), optax.sgd(1.0))
+    m = optaxclip.metrics(_step(tx))
+    assert float(m["clipped_fraction"]) == 1.0 and bool(m["clipped"])
+    assert set(m) == {*optaxclip.ClipStats._fields, "clipped_fraction"}
