@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from ._per_example import _varying_axes
+
 _INLINED = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat2", "remat"})
 
 
@@ -39,21 +41,11 @@ class Traced:
     aux_tree: Any
 
 
-def _example_struct(x) -> jax.ShapeDtypeStruct:
-    """One example of a batched leaf (its leading axis dropped), as an abstract value."""
-    aval = jax.typeof(x)
-    return jax.ShapeDtypeStruct(
-        aval.shape[1:], aval.dtype, weak_type=aval.weak_type, manual_axis_type=_manual_axis_type(aval)
-    )
-
-
-def _param_struct(x) -> jax.ShapeDtypeStruct:
-    aval = jax.typeof(x)
-    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, manual_axis_type=_manual_axis_type(aval))
-
-
-def _manual_axis_type(aval):
-    return getattr(aval, "manual_axis_type", None)
+def _struct(x, drop: int = 0) -> jax.ShapeDtypeStruct:
+    """`x`'s shape (less `drop` leading axes) and dtype, without shard_map's varying axes: the loss is
+    traced as on one device (a carry a model starts from zeros would not vary as its steps do);
+    `evaluate` makes its scans' carries vary as their steps do."""
+    return jax.ShapeDtypeStruct(jnp.shape(x)[drop:], jnp.result_type(x))
 
 
 def trace_example(
@@ -76,17 +68,16 @@ def trace_example(
         aux_leaves, aux_tree[0] = jax.tree.flatten(aux)
         return [jnp.asarray(loss), *aux_leaves]
 
-    params = [_param_struct(x) for x in param_leaves]
-    examples = [_example_struct(x) for leaves, _ in batched.values() for x in leaves]
+    params = [_struct(x) for x in param_leaves]
+    examples = [_struct(x, 1) for leaves, _ in batched.values() for x in leaves]
     closed = jax.make_jaxpr(flat_loss)(params, examples)
     return Traced(normalise(closed), len(params), aux_tree[0] if has_aux else None)
 
 
 def normalise(closed):
     """The same function with calls inlined and scan bodies normalised (a fresh, flat jaxpr)."""
-    avals = [v.aval for v in closed.jaxpr.invars]
-    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in avals]
-    return jax.make_jaxpr(lambda *xs: evaluate(closed.jaxpr, closed.consts, xs, Taps()))(*structs)
+    structs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    return jax.make_jaxpr(lambda xs: evaluate(closed.jaxpr, closed.consts, xs, Taps()))(structs)
 
 
 @dataclasses.dataclass
@@ -142,6 +133,7 @@ def evaluate(jaxpr, consts: Sequence, args: Sequence, taps: Taps) -> list:
         elif name == "scan":
             outs = _scan(eqn, invals, taps)
         else:
+            invals = _same_vma(invals)
             params = eqn.primitive.get_bind_params(eqn.params)
             with eqn.ctx.manager:
                 outs = eqn.primitive.bind(*invals, **params)
@@ -158,15 +150,19 @@ def _scan(eqn, invals: list, taps: Taps) -> list:
     consts, init, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
     points, records = taps.inner(eqn)
 
+    axes = frozenset().union(*(_varying_axes(x) for x in invals))
+    init = [_vary(c, axes) for c in init]
+
     def step(carry, x):
         xs_t, zs_t = x
         sub = taps.child(dict(zip(points, zs_t, strict=True)))
         outs = evaluate(body.jaxpr, body.consts, [*consts, *carry, *xs_t], sub)
-        return outs[:n_carry], (outs[n_carry:], [sub.out[r] for r in records])
+        carry = [_vary(c, axes) for c in outs[:n_carry]]
+        return carry, (outs[n_carry:], [sub.out[r] for r in records])
 
     carry, (ys, recs) = jax.lax.scan(
         step,
-        list(init),
+        init,
         (list(xs), [taps.zs[q] for q in points]),
         length=p["length"],
         reverse=p["reverse"],
@@ -174,3 +170,15 @@ def _scan(eqn, invals: list, taps: Taps) -> list:
     )
     taps.out.update(zip(records, recs, strict=True))
     return [*carry, *ys]
+
+
+def _vary(x, axes: frozenset):
+    """`x` cast to vary over `axes` too (a scan's carry must vary as its steps' results do)."""
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _same_vma(values: list) -> list:
+    """The operands cast to vary over the same shard_map axes (the jaxpr was traced as on one device)."""
+    axes = frozenset().union(*(_varying_axes(x) for x in values))
+    return [_vary(jnp.asarray(x), axes) for x in values] if axes else values
