@@ -25,6 +25,7 @@ import pathlib
 import platform
 import time
 
+import _timing
 import jax
 import jax.numpy as jnp
 import optax
@@ -82,7 +83,7 @@ def markdown(meta: dict, update_rows, dp_rows, checks, reported) -> str:
     out = [
         f"Machine: {meta['machine']}; jax {meta['jax']}, optax {meta['optax']}, "
         f"jax_privacy {meta['jax_privacy']}, device {meta['device']}; plan `{meta['plan']}`, "
-        f"{meta['wall_s']:.0f} s.",
+        f"{meta['wall_s']:.0f} s; steps timed by the {meta['clock']} clock.",
         "",
         "Update step (update + apply_updates, state and params donated), medians; `single`: one "
         f"optimizer state, `vmap{STATES}`: the step vmapped over {STATES} stacked states. `over floor`: "
@@ -195,7 +196,15 @@ def main(argv=None) -> int:
     ap.add_argument("--name", help="file stem under --out (default: bench, bench-quick or bench-gpu)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--budget-s", type=float, help="skip the parts not started within this many seconds")
+    ap.add_argument(
+        "--clock",
+        choices=sorted(_timing.CLOCKS),
+        default="wall",
+        help="time each step by the wall clock (default) or by this process's CPU seconds (steadier on a "
+        "machine other jobs share; CPU only)",
+    )
     args = ap.parse_args(argv)
+    _timing.set_clock(args.clock)
     plan_name = "quick" if args.quick else args.plan
     plan = dict(PLANS[plan_name])
     for key, value in (
@@ -236,6 +245,7 @@ def main(argv=None) -> int:
             "optax": optax.__version__,
             "jax_privacy": _version("jax_privacy"),
             "wall_s": time.perf_counter() - t0,
+            "clock": _timing.clock,
         }
         text = markdown(meta, update_rows, dp_rows, checks, reported)
         (out / f"{name}.md").write_text(text)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 
+import _timing
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import print_checks, time_donated_steps  # benchmarks/ is the script's path
+from _timing import print_checks, time_donated_steps
 
 import optaxclip
 
@@ -103,34 +104,39 @@ def _sum_pair(x, axes):
     return jnp.sum(jnp.square(x), axis=axes), jnp.sum(jnp.square(x * down), axis=axes)
 
 
+def _reads(g, params, read_params: bool) -> jax.Array:
+    """The floor's sums, concatenated: per leaf (per unit with `read_params`), plain and scaled."""
+    if read_params:
+        paths = jax.tree_util.tree_flatten_with_path(params)[0]
+        axes = [tuple(optaxclip.flax_unit_axes(path, p)) for path, p in paths]
+        read = list(zip(jax.tree.leaves(g), axes, strict=True)) + [
+            (p, a) for (_, p), a in zip(paths, axes, strict=True)
+        ]
+    else:
+        read = [(x, tuple(range(x.ndim))) for x in jax.tree.leaves(g)]
+    # Kept per unit (not summed to one number, which XLA would turn into whole-leaf reductions).
+    return jnp.concatenate([s.reshape(-1) for x, a in read for s in _sum_pair(x, a)])
+
+
 def read_pass_adam(read_params: bool = False):
     """A floor: adam plus the reads an overflow-safe norm needs, their sums kept as state.
 
     Without `read_params`: the two sums of squares of every gradient leaf
     (a global norm's reads). With it: the two sums over each unit of every
     gradient and param leaf (AGC's unit norms, units as
-    `optaxclip.flax_unit_axes`). The barrier makes the reads finish before
-    adam's pass starts, as a clip's scale must (it depends on the norm):
-    without it XLA could fold the reductions into adam's loop, a floor no
-    clip can reach. No clamping, scaling or bookkeeping.
+    `optaxclip.flax_unit_axes`), kept per unit. The barrier makes the reads
+    finish before adam's pass starts, as a clip's scale must (it depends on
+    the norm): without it XLA could fold the reductions into adam's loop, a
+    floor no clip can reach. No clamping, scaling or bookkeeping.
     """
     adam = optax.adam(1e-3)
 
     def init(params):
-        return adam.init(params), jnp.zeros((2,), jnp.float32)
+        shape = jax.eval_shape(lambda p: _reads(p, p, read_params), params).shape
+        return adam.init(params), jnp.zeros(shape, jnp.float32)
 
     def update(g, state, params=None):
-        if read_params:
-            paths = jax.tree_util.tree_flatten_with_path(params)[0]
-            axes = [tuple(optaxclip.flax_unit_axes(path, p)) for path, p in paths]
-            read = list(zip(jax.tree.leaves(g), axes, strict=True)) + [
-                (p, a) for (_, p), a in zip(paths, axes, strict=True)
-            ]
-        else:
-            read = [(x, tuple(range(x.ndim))) for x in jax.tree.leaves(g)]
-        pairs = [_sum_pair(x, a) for x, a in read]
-        sums = jnp.stack([sum(jnp.sum(p[k]) for p in pairs) for k in (0, 1)])
-        sums, g = jax.lax.optimization_barrier((sums, g))
+        sums, g = jax.lax.optimization_barrier((_reads(g, params, read_params), g))
         upd, inner = adam.update(g, state[0], params)
         return upd, (inner, sums)
 
@@ -312,7 +318,9 @@ def main(argv=None):
     ap.add_argument("--vmap", type=int, default=4, help="optimizer states for the vmapped run (0: none)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--inner", type=int, default=5)
+    ap.add_argument("--clock", choices=sorted(_timing.CLOCKS), default="wall")
     args = ap.parse_args(argv)
+    _timing.set_clock(args.clock)
     rows = []
     for size in args.sizes.split(","):
         rows += bench(float(size), jnp.dtype(args.dtype), args.repeats, args.inner)
