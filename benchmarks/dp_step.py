@@ -37,7 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import print_checks, time_donated_steps  # benchmarks/ is the script's (or run.py's) path
+from _timing import (
+    CLOCKS,
+    print_checks,
+    set_clock,
+    time_donated_steps,
+)  # benchmarks/ is the script's (or run.py's) path
 from flax import nnx
 
 import optaxclip
@@ -396,7 +401,14 @@ def main(argv=None):
     ap.add_argument(
         "--grad-temp", action="store_true", help="--models: also the temp of the gradient computation alone"
     )
+    ap.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: what a user waits; cpu: process CPU seconds, steadier on a shared machine (CPU only)",
+    )
     args = ap.parse_args(argv)
+    set_clock(args.clock)
     models = [m for m in args.models.split(",") if m]
     models = [n for m in models for n in (ISSUE_21 if m == "issue21" else (m,))]
     if unknown := sorted(set(models) - set(MODELS)):
