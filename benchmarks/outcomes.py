@@ -96,7 +96,9 @@ class Task:
     loss: Callable
 
 
-def adding_task(steps: int, seq_len: int = 50, batch: int = 64, hidden: int = 32, lr: float = 3e-3) -> Task:
+def adding_task(
+    steps: int, seq_len: int = 50, batch: int = 64, hidden: int = 32, lr: float = 3e-3, decay: bool = False
+) -> Task:
 
     def make_batch(key, step):
         k1, k2 = jax.random.split(jax.random.fold_in(key, step))
@@ -105,7 +107,7 @@ def adding_task(steps: int, seq_len: int = 50, batch: int = 64, hidden: int = 32
         first = jax.random.randint(k2, (batch,), 0, seq_len // 2)
         second = jax.random.randint(jax.random.fold_in(k2, 1), (batch,), seq_len // 2, seq_len)
         marks = jax.nn.one_hot(first, seq_len) + jax.nn.one_hot(second, seq_len)
-        return jnp.stack([values, marks], -1), jnp.sum(values * marks, -1)
+        return jnp.stack([values, marks], -1), jnp.sum(values * marks, -1) - 1.0  # centred: E[sum] = 1
 
     def loss(model, b):
         x, y = b
@@ -117,7 +119,7 @@ def adding_task(steps: int, seq_len: int = 50, batch: int = 64, hidden: int = 32
         sweep=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
         bad_fraction=0.01,
         make_model=lambda seed: AddingLSTM(hidden, rngs=nnx.Rngs(seed)),
-        optimizer=lambda: optax.adam(lr),
+        optimizer=lambda: optax.adam(optax.cosine_decay_schedule(lr, steps) if decay else lr),
         batch=make_batch,
         loss=loss,
     )
@@ -159,7 +161,7 @@ def charlm_task(
 def make_tasks(scale: float) -> dict[str, Task]:
     n = lambda s: max(10, int(s * scale))
     return {
-        "adding": adding_task(n(2000)),
+        "adding": adding_task(n(2000), seq_len=30, decay=True),
         "charlm_bad": charlm_task(
             "charlm_bad", n(800), lambda: optax.adam(3e-3), (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0), 0.01
         ),

@@ -28,6 +28,8 @@ from ._dp import adaptive_noise_multipliers as adaptive_noise_multipliers
 from ._dp import dp_adaptive_aggregate as dp_adaptive_aggregate
 from ._dp import dp_aggregate as dp_aggregate
 from ._ghost import ghost_clipped_grad_sum as ghost_clipped_grad_sum
+from ._guard import GuardClipState as GuardClipState
+from ._guard import guard_clip as guard_clip
 from ._loss_scale import DynamicLossScaleState as DynamicLossScaleState
 from ._loss_scale import dynamic_loss_scale as dynamic_loss_scale
 from ._loss_scale import loss_scale as loss_scale
@@ -53,6 +55,7 @@ __all__ = [
     "DPAggregateState",
     "DynamicLossScaleState",
     "Finding",
+    "GuardClipState",
     "SkipSpikesState",
     "ZScoreClipState",
     "adagc_clip",
@@ -75,6 +78,7 @@ __all__ = [
     "format_findings",
     "flax_unit_axes",
     "ghost_clipped_grad_sum",
+    "guard_clip",
     "global_norm",
     "metrics",
     "per_example_grads",

@@ -1,0 +1,243 @@
+"""`guard_clip`: a global-norm clip whose notion of "normal" cannot be dragged up by growing norms.
+
+History-based clips (AutoClip's quantile, ZClip's EMA, AdaGC's per-tensor
+EMA, the step-skip rules of LLM stacks) learn the threshold from recent
+norms, so when the learning rate itself is too high the threshold follows
+the norms as they grow and stops binding. `guard_clip` keeps two levels:
+a tracker of the typical norm (which may follow the norms), and the guarded
+level the threshold is built on, which follows the tracker down at once but
+up only slowly, and not at all while the loss is rising.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import _checks, _norms, _stats
+from ._clip import clip_to_bound
+
+F32 = jnp.float32
+I32 = jnp.int32
+# Norms within 10% of the typical norm are never spikes, and the threshold stays at
+# least exp(clip_z * 0.1) above the level, even when every norm so far was the same.
+MIN_SPREAD = 0.1
+
+
+class GuardClipState(NamedTuple):
+    """State of `guard_clip` (every field a scalar; all are reported by `metrics()`).
+
+    Attributes:
+      stats: The `ClipStats`; `threshold` is `guard_norm * exp(clip_z * spread)`.
+      typical_norm: float32, the tracker: the geometric EMA of the norms of
+        non-spike steps (0 until the first finite, nonzero norm).
+      norm_spread: float32, EMA standard deviation of those log norms.
+      guard_norm: float32, the guarded level: follows `typical_norm` down at
+        once, up by at most `max_growth` per step and not while the loss rises.
+      loss_fast: float32, fast EMA of the `loss=` values (NaN until one was given).
+      loss_slow: float32, slow EMA of the losses.
+      loss_rising: bool, `loss_fast > loss_slow` after this step: the level was frozen.
+      level_held: bool, the guarded level is below the tracker after this step
+        (held back by the growth cap or a rising loss).
+      spike: bool, this step's norm was a spike (above `typical_norm *
+        exp(spike_z * spread)`): clipped, and left out of every statistic.
+      spike_count: int32, spikes so far (saturates).
+      finite_norm_count: int32, finite nonzero norms seen so far (saturates).
+    """
+
+    stats: _stats.ClipStats
+    typical_norm: jax.Array
+    norm_spread: jax.Array
+    guard_norm: jax.Array
+    loss_fast: jax.Array
+    loss_slow: jax.Array
+    loss_rising: jax.Array
+    level_held: jax.Array
+    spike: jax.Array
+    spike_count: jax.Array
+    finite_norm_count: jax.Array
+
+
+def guard_clip(
+    clip_z: jax.typing.ArrayLike = 1.0,
+    max_growth: jax.typing.ArrayLike = 0.003,
+    *,
+    spike_z: jax.typing.ArrayLike = 3.0,
+    ema_decay: jax.typing.ArrayLike = 0.95,
+    initial_spread: jax.typing.ArrayLike = 0.25,
+    fast_loss_decay: jax.typing.ArrayLike = 0.9,
+    slow_loss_decay: jax.typing.ArrayLike = 0.98,
+    initial_max_norm: jax.typing.ArrayLike | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Clips the global norm to the typical norm of healthy training, which growing norms cannot drag up.
+
+    Two levels are kept, in log space (norms are scale-free): the typical
+    norm `t` (tracker), the geometric EMA of recent norms with its spread
+    `s` (EMA standard deviation of the log norms), and the guarded level
+    `g`. Each step, with norm `n`:
+
+    1. A step with `n > t * exp(spike_z * s)` is a spike (a bad batch); it
+       is clipped and left out of every statistic.
+    2. The update is clipped to `g * exp(clip_z * s)` (no clip at step 0,
+       which has no history, unless `initial_max_norm` is given).
+    3. The tracker takes the step's norm:
+       `log t <- d * log t + (1 - d) * log n`, `s**2` likewise.
+    4. The level follows the tracker down at once and up by a factor of at
+       most `1 + max_growth` per step: `g <- min(t, g * (1 + max_growth))`;
+       while the loss is rising it does not rise at all (pass `loss=` to
+       `update`: rising means a fast EMA of the losses above a slow one).
+
+    A bad batch is clipped from step 1 on. Norms that fall, or rise slowly
+    (by less than `max_growth` per step, 0.3%: x2 in 230 steps), move the
+    level. Norms that grow fast, as when the learning rate is too high
+    (norms x5 in a few steps and the loss climbing), leave it where healthy
+    training had it: the clip keeps binding at that level, as a fixed
+    threshold would, where `adaptive_clip`, `zscore_clip` and `adagc_clip`
+    follow the growth (see README, "Which clip should I use?", for the
+    measured outcomes).
+
+    Args:
+      clip_z: The threshold is `exp(clip_z * s)` times the guarded level
+        (`s` floored at 0.1): 1.0 clips about one step in six of a healthy
+        lognormal norm stream; >= 0. Schedulable.
+      max_growth: Largest rise of the guarded level per step, as a fraction;
+        >= 0 (0: the level never rises). Schedulable.
+      spike_z: A norm more than `exp(spike_z * s)` times the typical norm
+        is a spike; > 0. Schedulable.
+      ema_decay: Decay of the tracker's EMAs, in [0, 1). Schedulable.
+      initial_spread: The spread `s` before any deviation was seen; > 0.
+      fast_loss_decay: Decay of the fast loss EMA, in [0, 1). Schedulable.
+      slow_loss_decay: Decay of the slow loss EMA, in [0, 1), and
+        >= `fast_loss_decay`. Schedulable.
+      initial_max_norm: Optional bound for the steps before a norm was
+        recorded (the first step); > 0. Without it the first step passes.
+      axis_name: Inside `shard_map`/`pmap`, when each device holds a
+        disjoint shard of the updates, the axis to take the norm over.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs` whose `update` takes an
+      optional `loss=` (a scalar; an `optax.chain` passes it on); its state
+      is a `GuardClipState`, and `metrics()` reports every field.
+
+    Edge cases:
+      A NaN/inf norm passes through unscaled (counted in `nonfinite_count`)
+      and changes no statistic; so do a zero norm (a zero gradient stays
+      zero) and a NaN/inf loss. Spike steps do not enter the loss EMAs.
+      Without `loss=` only the growth cap holds the level. Inside
+      `optax.MultiSteps` the statistics advance once per real update.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip
+      >>> tx = optaxclip.guard_clip()
+      >>> state = tx.init(None)
+      >>> for n in [1.0, 1.1, 0.9, 1.0, 5.0, 6.0, 7.0]:  # healthy, then growing fast
+      ...     out, state = tx.update(jnp.array([n]), state)
+      >>> print(f"{float(out[0]):.2f} {float(state.guard_norm):.2f} {int(state.stats.clip_count)}")
+      1.27 1.01 3
+
+    References:
+      Kumar et al., ZClip: Adaptive Spike Mitigation for LLM Pre-Training,
+      2025 (EMA statistics of the norm). https://arxiv.org/abs/2504.02507
+      Wang et al., AdaGC: Enhancing LLM Pretraining Stability via Adaptive
+      Gradient Clipping, 2025 (a threshold that rises slowly).
+      https://arxiv.org/abs/2502.11034
+      Huang et al., SPAM: Spike-Aware Adam with Momentum Reset for Stable
+      LLM Training, 2025 (spikes up to 1000x). https://arxiv.org/abs/2501.06842
+      Pascanu et al., On the difficulty of training recurrent neural
+      networks, 2013. https://arxiv.org/abs/1211.5063
+    """
+    fn = "guard_clip"
+    _checks.non_negative(fn, "clip_z", clip_z)
+    _checks.non_negative(fn, "max_growth", max_growth)
+    _checks.finite(fn, "max_growth", max_growth)
+    _checks.positive(fn, "spike_z", spike_z)
+    _checks.positive_finite(fn, "initial_spread", initial_spread)
+    for name, value in (("ema_decay", ema_decay), ("fast_loss_decay", fast_loss_decay)):
+        _checks.in_range(fn, name, value, 0.0, 1.0, lo_open=False, hi_open=True)
+    _checks.in_range(fn, "slow_loss_decay", slow_loss_decay, 0.0, 1.0, lo_open=False, hi_open=True)
+    _checks.ordered(fn, "fast_loss_decay", fast_loss_decay, "slow_loss_decay", slow_loss_decay)
+    if initial_max_norm is not None:
+        _checks.positive(fn, "initial_max_norm", initial_max_norm)
+
+    def init_fn(params):
+        del params
+        scalar = lambda value, dtype=F32: jnp.full((), value, dtype)  # separate buffers: donatable
+        return GuardClipState(
+            stats=_stats.init_stats(),
+            typical_norm=scalar(0.0),
+            norm_spread=scalar(initial_spread),
+            guard_norm=scalar(0.0),
+            loss_fast=scalar(jnp.nan),
+            loss_slow=scalar(jnp.nan),
+            loss_rising=scalar(False, bool),
+            level_held=scalar(False, bool),
+            spike=scalar(False, bool),
+            spike_count=scalar(0, I32),
+            finite_norm_count=scalar(0, I32),
+        )
+
+    def update_fn(updates, state, params=None, *, loss=None, **extra_args):
+        del params, extra_args
+        norm = _norms.global_norm(updates, axis_name)
+        usable = jnp.isfinite(norm) & (norm > 0)
+        log_norm = jnp.log(jnp.where(usable, norm, 1.0))
+        started = state.finite_norm_count > 0
+        log_t = jnp.log(jnp.where(started, state.typical_norm, 1.0))
+        log_g = jnp.log(jnp.where(started, state.guard_norm, 1.0))
+        spread = jnp.maximum(state.norm_spread, MIN_SPREAD)
+
+        boundary = log_t + jnp.asarray(spike_z, F32) * spread
+        spike = started & usable & (log_norm > boundary)
+        fallback = jnp.inf if initial_max_norm is None else jnp.asarray(initial_max_norm, F32)
+        bound = jnp.where(started, jnp.exp(log_g + jnp.asarray(clip_z, F32) * spread), fallback)
+        out, stats = clip_to_bound(updates, state.stats, norm, bound)
+
+        loss_fast, loss_slow = _loss_emas(state, loss, ~spike, fast_loss_decay, slow_loss_decay)
+        rising = loss_fast > loss_slow  # False while no loss was given (NaN)
+
+        # A spike enters the tracker at the spike boundary (so a lasting change of scale is
+        # followed, a few percent per step) and not the spread (so one bad batch cannot widen it).
+        d = jnp.where(started, jnp.asarray(ema_decay, F32), 0.0)  # the first norm sets the tracker
+        delta = jnp.where(started, jnp.minimum(log_norm, boundary), log_norm) - log_t
+        new_log_t = jnp.where(usable, log_t + (1 - d) * delta, log_t)
+        new_var = d * jnp.square(state.norm_spread) + (1 - d) * jnp.square(delta)
+        new_spread = jnp.where(usable & started & ~spike, jnp.sqrt(new_var), state.norm_spread)
+        growth = jnp.where(rising, 0.0, jnp.log1p(jnp.asarray(max_growth, F32)))
+        new_log_g = jnp.where(started, jnp.minimum(new_log_t, log_g + growth), new_log_t)
+        now_started = started | usable
+        return out, GuardClipState(
+            stats=stats,
+            typical_norm=jnp.where(now_started, jnp.exp(new_log_t), 0.0),
+            norm_spread=new_spread,
+            guard_norm=jnp.where(now_started, jnp.exp(new_log_g), 0.0),
+            loss_fast=loss_fast,
+            loss_slow=loss_slow,
+            loss_rising=rising,
+            level_held=now_started & (new_log_g < new_log_t),
+            spike=spike,
+            spike_count=_stats.increment(state.spike_count, spike),
+            finite_norm_count=_stats.increment(state.finite_norm_count, usable),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _loss_emas(state: GuardClipState, loss, record, fast_decay, slow_decay):
+    """The fast and slow loss EMAs after this step's `loss` (kept as they are if None or non-finite)."""
+    if loss is None:
+        return state.loss_fast, state.loss_slow
+    loss = jnp.asarray(loss, F32)
+    if loss.shape != ():
+        raise ValueError(f"guard_clip: `loss` must be a scalar, got an array of shape {loss.shape}.")
+    record = record & jnp.isfinite(loss)
+    first = jnp.isnan(state.loss_fast)
+
+    def ema(old, decay):
+        d = jnp.asarray(decay, F32)
+        return jnp.where(record, jnp.where(first, loss, d * old + (1 - d) * loss), old)
+
+    return ema(state.loss_fast, fast_decay), ema(state.loss_slow, slow_decay)
