@@ -22,35 +22,31 @@ from ._clip import clip_to_bound
 
 F32 = jnp.float32
 I32 = jnp.int32
-# Norms within 10% of the typical norm are never spikes, and the threshold stays at
-# least exp(clip_z * 0.1) above the level, even when every norm so far was the same.
-MIN_SPREAD = 0.1
 
 
 class GuardClipState(NamedTuple):
     """State of `guard_clip` (every field a scalar; all are reported by `metrics()`).
 
     Attributes:
-      stats: The `ClipStats`; `threshold` is `guard_norm * exp(clip_z * spread)`.
-      typical_norm: float32, the tracker: the geometric EMA of the norms of
-        non-spike steps (0 until the first finite, nonzero norm).
-      norm_spread: float32, EMA standard deviation of those log norms.
+      stats: The `ClipStats`; `threshold` is `multiplier * guard_norm`.
+      typical_norm: float32, the tracker: a geometric EMA of the norms, each
+        capped at `spike_factor` times the tracker (0 until the first
+        finite, nonzero norm).
       guard_norm: float32, the guarded level: follows `typical_norm` down at
         once, up by at most `max_growth` per step and not while the loss rises.
       loss_fast: float32, fast EMA of the `loss=` values (NaN until one was given).
       loss_slow: float32, slow EMA of the losses.
-      loss_rising: bool, `loss_fast > loss_slow` after this step: the level was frozen.
-      level_held: bool, the guarded level is below the tracker after this step
-        (held back by the growth cap or a rising loss).
-      spike: bool, this step's norm was a spike (above `typical_norm *
-        exp(spike_z * spread)`): clipped, and left out of every statistic.
+      loss_rising: bool, `loss_fast > loss_slow` after this step: the level
+        could not rise.
+      level_held: bool, the guarded level is below the tracker after this
+        step (held back by the growth cap or a rising loss).
+      spike: bool, this step's norm was above `spike_factor * typical_norm`.
       spike_count: int32, spikes so far (saturates).
       finite_norm_count: int32, finite nonzero norms seen so far (saturates).
     """
 
     stats: _stats.ClipStats
     typical_norm: jax.Array
-    norm_spread: jax.Array
     guard_norm: jax.Array
     loss_fast: jax.Array
     loss_slow: jax.Array
@@ -62,12 +58,11 @@ class GuardClipState(NamedTuple):
 
 
 def guard_clip(
-    clip_z: jax.typing.ArrayLike = 1.0,
+    multiplier: jax.typing.ArrayLike = 1.5,
     max_growth: jax.typing.ArrayLike = 0.003,
     *,
-    spike_z: jax.typing.ArrayLike = 3.0,
+    spike_factor: jax.typing.ArrayLike = 4.0,
     ema_decay: jax.typing.ArrayLike = 0.95,
-    initial_spread: jax.typing.ArrayLike = 0.25,
     fast_loss_decay: jax.typing.ArrayLike = 0.9,
     slow_loss_decay: jax.typing.ArrayLike = 0.98,
     initial_max_norm: jax.typing.ArrayLike | None = None,
@@ -75,41 +70,37 @@ def guard_clip(
 ) -> optax.GradientTransformationExtraArgs:
     """Clips the global norm to the typical norm of healthy training, which growing norms cannot drag up.
 
-    Two levels are kept, in log space (norms are scale-free): the typical
-    norm `t` (tracker), the geometric EMA of recent norms with its spread
-    `s` (EMA standard deviation of the log norms), and the guarded level
-    `g`. Each step, with norm `n`:
+    Two levels are kept: the typical norm `t` (a tracker that may follow
+    the norms) and the guarded level `g` the threshold is built on. Each
+    step, with global norm `n`:
 
-    1. A step with `n > t * exp(spike_z * s)` is a spike (a bad batch); it
-       is clipped and left out of every statistic.
-    2. The update is clipped to `g * exp(clip_z * s)` (no clip at step 0,
-       which has no history, unless `initial_max_norm` is given).
-    3. The tracker takes the step's norm:
-       `log t <- d * log t + (1 - d) * log n`, `s**2` likewise.
-    4. The level follows the tracker down at once and up by a factor of at
+    1. The update is clipped to `multiplier * g` (no clip at step 0, which
+       has no history, unless `initial_max_norm` is given).
+    2. The tracker takes the norm, capped at `spike_factor * t` (a larger
+       norm is a spike, a bad batch): `log t <- d * log t + (1 - d) *
+       log(min(n, spike_factor * t))`, a geometric EMA with decay `d`.
+    3. The level follows the tracker down at once and up by a factor of at
        most `1 + max_growth` per step: `g <- min(t, g * (1 + max_growth))`;
        while the loss is rising it does not rise at all (pass `loss=` to
        `update`: rising means a fast EMA of the losses above a slow one).
 
     A bad batch is clipped from step 1 on. Norms that fall, or rise slowly
     (by less than `max_growth` per step, 0.3%: x2 in 230 steps), move the
-    level. Norms that grow fast, as when the learning rate is too high
-    (norms x5 in a few steps and the loss climbing), leave it where healthy
-    training had it: the clip keeps binding at that level, as a fixed
-    threshold would, where `adaptive_clip`, `zscore_clip` and `adagc_clip`
-    follow the growth (see README, "Which clip should I use?", for the
-    measured outcomes).
+    level. Norms that grow fast, as when the learning rate is too high,
+    leave it near where healthy training had it: the clip keeps binding
+    there, as a well-chosen fixed threshold would, where thresholds learned
+    from the norm history (`adaptive_clip`) rise with the norms or, with no
+    history yet, let the first steps through (see README, "Which clip
+    should I use?", for the measured outcomes).
 
     Args:
-      clip_z: The threshold is `exp(clip_z * s)` times the guarded level
-        (`s` floored at 0.1): 1.0 clips about one step in six of a healthy
-        lognormal norm stream; >= 0. Schedulable.
+      multiplier: The threshold is `multiplier` times the guarded level;
+        > 0 (1.5 clips the steps well above the typical norm). Schedulable.
       max_growth: Largest rise of the guarded level per step, as a fraction;
         >= 0 (0: the level never rises). Schedulable.
-      spike_z: A norm more than `exp(spike_z * s)` times the typical norm
-        is a spike; > 0. Schedulable.
-      ema_decay: Decay of the tracker's EMAs, in [0, 1). Schedulable.
-      initial_spread: The spread `s` before any deviation was seen; > 0.
+      spike_factor: A norm above `spike_factor` times the tracker is a
+        spike; it enters the tracker at that cap; > 1. Schedulable.
+      ema_decay: Decay of the tracker's EMA, in [0, 1). Schedulable.
       fast_loss_decay: Decay of the fast loss EMA, in [0, 1). Schedulable.
       slow_loss_decay: Decay of the slow loss EMA, in [0, 1), and
         >= `fast_loss_decay`. Schedulable.
@@ -126,18 +117,19 @@ def guard_clip(
     Edge cases:
       A NaN/inf norm passes through unscaled (counted in `nonfinite_count`)
       and changes no statistic; so do a zero norm (a zero gradient stays
-      zero) and a NaN/inf loss. Spike steps do not enter the loss EMAs.
-      Without `loss=` only the growth cap holds the level. Inside
-      `optax.MultiSteps` the statistics advance once per real update.
+      zero) and a NaN/inf loss. The loss of a lone spike step does not
+      enter the loss EMAs; in a run of spikes, the losses from the second
+      step on do. Without `loss=` only the growth cap holds the level.
+      Inside `optax.MultiSteps` the statistics advance once per real update.
 
     Example:
       >>> import jax.numpy as jnp, optaxclip
       >>> tx = optaxclip.guard_clip()
       >>> state = tx.init(None)
-      >>> for n in [1.0, 1.1, 0.9, 1.0, 5.0, 6.0, 7.0]:  # healthy, then growing fast
+      >>> for n in [1.0, 1.1, 0.9, 1.0, 3.0, 6.0, 12.0]:  # healthy, then growing fast
       ...     out, state = tx.update(jnp.array([n]), state)
       >>> print(f"{float(out[0]):.2f} {float(state.guard_norm):.2f} {int(state.stats.clip_count)}")
-      1.27 1.01 3
+      1.51 1.01 3
 
     References:
       Kumar et al., ZClip: Adaptive Spike Mitigation for LLM Pre-Training,
@@ -151,11 +143,10 @@ def guard_clip(
       networks, 2013. https://arxiv.org/abs/1211.5063
     """
     fn = "guard_clip"
-    _checks.non_negative(fn, "clip_z", clip_z)
+    _checks.positive(fn, "multiplier", multiplier)
     _checks.non_negative(fn, "max_growth", max_growth)
     _checks.finite(fn, "max_growth", max_growth)
-    _checks.positive(fn, "spike_z", spike_z)
-    _checks.positive_finite(fn, "initial_spread", initial_spread)
+    _checks.in_range(fn, "spike_factor", spike_factor, 1.0, float("inf"), lo_open=True, hi_open=True)
     for name, value in (("ema_decay", ema_decay), ("fast_loss_decay", fast_loss_decay)):
         _checks.in_range(fn, name, value, 0.0, 1.0, lo_open=False, hi_open=True)
     _checks.in_range(fn, "slow_loss_decay", slow_loss_decay, 0.0, 1.0, lo_open=False, hi_open=True)
@@ -169,7 +160,6 @@ def guard_clip(
         return GuardClipState(
             stats=_stats.init_stats(),
             typical_norm=scalar(0.0),
-            norm_spread=scalar(initial_spread),
             guard_norm=scalar(0.0),
             loss_fast=scalar(jnp.nan),
             loss_slow=scalar(jnp.nan),
@@ -188,31 +178,28 @@ def guard_clip(
         started = state.finite_norm_count > 0
         log_t = jnp.log(jnp.where(started, state.typical_norm, 1.0))
         log_g = jnp.log(jnp.where(started, state.guard_norm, 1.0))
-        spread = jnp.maximum(state.norm_spread, MIN_SPREAD)
 
-        boundary = log_t + jnp.asarray(spike_z, F32) * spread
-        spike = started & usable & (log_norm > boundary)
         fallback = jnp.inf if initial_max_norm is None else jnp.asarray(initial_max_norm, F32)
-        bound = jnp.where(started, jnp.exp(log_g + jnp.asarray(clip_z, F32) * spread), fallback)
+        bound = jnp.where(started, jnp.asarray(multiplier, F32) * jnp.exp(log_g), fallback)
         out, stats = clip_to_bound(updates, state.stats, norm, bound)
 
-        loss_fast, loss_slow = _loss_emas(state, loss, ~spike, fast_loss_decay, slow_loss_decay)
+        cap = log_t + jnp.log(jnp.asarray(spike_factor, F32))
+        spike = started & usable & (log_norm > cap)
+        # The loss of a lone spike (a bad batch) is left out; from the second spike in a row on,
+        # the losses count, so a run of spikes with a climbing loss freezes the level.
+        loss_fast, loss_slow = _loss_emas(state, loss, ~spike | state.spike, fast_loss_decay, slow_loss_decay)
         rising = loss_fast > loss_slow  # False while no loss was given (NaN)
 
-        # A spike enters the tracker at the spike boundary (so a lasting change of scale is
-        # followed, a few percent per step) and not the spread (so one bad batch cannot widen it).
         d = jnp.where(started, jnp.asarray(ema_decay, F32), 0.0)  # the first norm sets the tracker
-        delta = jnp.where(started, jnp.minimum(log_norm, boundary), log_norm) - log_t
-        new_log_t = jnp.where(usable, log_t + (1 - d) * delta, log_t)
-        new_var = d * jnp.square(state.norm_spread) + (1 - d) * jnp.square(delta)
-        new_spread = jnp.where(usable & started & ~spike, jnp.sqrt(new_var), state.norm_spread)
+        new_log_t = log_t + (1 - d) * (jnp.where(started, jnp.minimum(log_norm, cap), log_norm) - log_t)
         growth = jnp.where(rising, 0.0, jnp.log1p(jnp.asarray(max_growth, F32)))
         new_log_g = jnp.where(started, jnp.minimum(new_log_t, log_g + growth), new_log_t)
+        # A step without a usable norm moves nothing.
+        new_log_t, new_log_g = jnp.where(usable, new_log_t, log_t), jnp.where(usable, new_log_g, log_g)
         now_started = started | usable
         return out, GuardClipState(
             stats=stats,
             typical_norm=jnp.where(now_started, jnp.exp(new_log_t), 0.0),
-            norm_spread=new_spread,
             guard_norm=jnp.where(now_started, jnp.exp(new_log_g), 0.0),
             loss_fast=loss_fast,
             loss_slow=loss_slow,

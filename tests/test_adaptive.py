@@ -36,13 +36,33 @@ def lognormal(n, seed=0, sigma=0.5):
 # --- adaptive_clip -----------------------------------------------------------------------
 
 
-def window_reference(norms, q, window, warmup):
-    """Threshold each step: np.quantile of the previous `window` finite norms (float64)."""
+def window_reference(norms, q, window, warmup, multiplier=1.0):
+    """Threshold each step: `multiplier` x np.quantile of the previous `window` finite norms (float64).
+
+    `q` and `multiplier` are numbers or one value per step (a scheduled hyperparameter).
+    """
     out, hist = [], []
-    for n in np.asarray(norms, np.float64):
-        out.append(np.quantile(hist[-window:], q) if len(hist) >= warmup else np.inf)
+    qs, ms = np.broadcast_to(q, len(norms)), np.broadcast_to(multiplier, len(norms))
+    for n, q, m in zip(np.asarray(norms, np.float64), qs, ms, strict=True):
+        out.append(m * np.quantile(hist[-window:], q) if len(hist) >= warmup else np.inf)
         if np.isfinite(n):
             hist.append(n)
+    return np.array(out)
+
+
+def streaming_reference(norms, q, lr, warmup):
+    """The streaming estimate after each step (float64): the running maximum of the first
+    `warmup` finite norms, then Andrew et al.'s `q_hat * exp(-lr * (1[norm <= q_hat] - q))`."""
+    out, est, count = [], np.inf, 0
+    for n in np.asarray(norms, np.float64):
+        if np.isfinite(n):
+            count += 1
+            est = (
+                (n if count == 1 else max(est, n))
+                if count <= warmup
+                else est * np.exp(-lr * ((n <= est) - q))
+            )
+        out.append(est)
     return np.array(out)
 
 
@@ -121,14 +141,27 @@ class AdaptiveClipTest(chex.TestCase):
         assert_close_to_reference(out, ref.clip_global(grads, bound))
         np.testing.assert_allclose(float(state.stats.threshold), bound, rtol=1e-2)
 
-    def test_metrics_report_history_statistics(self):
-        _, _, _, state = run_stream(optaxclip.adaptive_clip(window=8), [1.0, 2.0, 3.0])
+    @parameterized.named_parameters(("window", "window"), ("streaming", "streaming"))
+    def test_metrics_report_history_statistics(self, estimator):
+        norms = [1.0, 2.0, 3.0]
+        tx = optaxclip.adaptive_clip(window=8, warmup_steps=2, estimator=estimator)
+        _, _, _, state = run_stream(tx, norms)
         m = optaxclip.metrics(optax.chain(optax.identity()).init(None) + (state,))
         assert int(m["finite_norm_count"]) == 3
-        # The window holds 1, 2, 3: its 0.9 quantile (linear interpolation) is 2.8.
-        np.testing.assert_allclose(
-            float(m["quantile_estimate"]), np.quantile([1.0, 2.0, 3.0], 0.9), rtol=1e-6
-        )
+        if estimator == "window":  # the window holds 1, 2, 3: its 0.9 quantile is 2.8
+            want = np.quantile(norms, 0.9)
+        else:  # running max 2 after the 2 warm-up norms, then one geometric step: 2 * exp(0.009)
+            want = streaming_reference(norms, 0.9, 0.01, warmup=2)[-1]
+        np.testing.assert_allclose(float(m["quantile_estimate"]), want, rtol=1e-6)
+        np.testing.assert_allclose(want, 2.8 if estimator == "window" else 2 * np.exp(0.009), rtol=1e-12)
+
+    def test_streaming_estimate_matches_reference_every_step(self):
+        norms = lognormal(400, 11)
+        norms[[50, 300]] = [np.nan, 1e4]
+        tx = optaxclip.adaptive_clip(0.8, estimator="streaming", warmup_steps=5, streaming_lr=0.05)
+        _, thr, _, _ = run_stream(tx, norms)
+        want = streaming_reference(norms, 0.8, 0.05, warmup=5)
+        np.testing.assert_allclose(thr[5:], want[4:-1], rtol=1e-4)  # each step clips to the previous estimate
 
     def test_bad_arguments(self):
         bad = [
@@ -152,9 +185,13 @@ class AdaptiveClipTest(chex.TestCase):
 
 
 def zclip_reference(norms, zt=2.5, d=0.97, warmup=25, mode="reciprocal"):
-    """ZClip (Kumar et al. 2025) in float64: returns each step's output norm."""
+    """ZClip (Kumar et al. 2025) in float64: returns each step's output norm.
+
+    `zt` and `d` are numbers or one value per step (a scheduled hyperparameter).
+    """
     out, buf, mu, var = [], [], None, None
-    for g in np.asarray(norms, np.float64):
+    zts, ds = np.broadcast_to(zt, len(norms)), np.broadcast_to(d, len(norms))
+    for g, zt, d in zip(np.asarray(norms, np.float64), zts, ds, strict=True):
         if mu is None:
             out.append(g)
             buf.append(g)
@@ -370,7 +407,8 @@ def test_multisteps_advances_history_once_per_real_update(name):
     ],
 )
 def test_inject_hyperparams_without_retrace(factory, arg, value):
-    tx = optax.inject_hyperparams(factory)(**{arg: 0.9 if arg != "z_threshold" else 2.5})
+    initial = 0.9 if arg != "z_threshold" else 2.5
+    tx = optax.inject_hyperparams(factory)(**{arg: initial})
     grads = {"f32": jnp.ones((2, 2)), "bf16": jnp.ones((3,), jnp.bfloat16)}
     chex.clear_trace_counter()
 
@@ -379,11 +417,12 @@ def test_inject_hyperparams_without_retrace(factory, arg, value):
     def step(g, state):
         return tx.update(g, state)
 
+    scales = [(1 + i % 3) * (1 + 9 * (i == 29)) for i in range(30)]  # step 29: a 10x spike
+
     def run(change):
         state, outs = tx.init(grads), []
-        for i in range(30):
-            g = jax.tree.map(lambda x, i=i: (x * (1 + i % 3) * (1 + 9 * (i == 29))).astype(x.dtype), grads)
-            out, state = step(g, state)
+        for i, c in enumerate(scales):
+            out, state = step(jax.tree.map(lambda x, c=c: (x * c).astype(x.dtype), grads), state)
             outs.append(out)
             if change and i == 15:
                 state.hyperparams[arg] = jnp.asarray(value, state.hyperparams[arg].dtype)
@@ -393,7 +432,18 @@ def test_inject_hyperparams_without_retrace(factory, arg, value):
     outs, state = run(change=True)
     chex.assert_trees_all_equal_shapes_and_dtypes(outs[-1], grads)
     assert float(state.hyperparams[arg]) == value
-    # Same output up to the change; after it, the new value changes the clipped update
-    # (step 29 is a 10x spike that both settings clip, to different bounds).
-    chex.assert_trees_all_equal(outs[15], base[15])
+    chex.assert_trees_all_equal(outs[15], base[15])  # same output up to the change
+    # After it, each step's output is the float64 reference's with the new value from step 16 on.
+    norms = np.sqrt(7.0) * np.asarray(scales, np.float64)
+    for run_outs, changed in ((base, False), (outs, True)):
+        per_step = np.where(np.arange(30) > 15, value if changed else initial, initial)
+        other = {"quantile": 0.9, "multiplier": 1.0, "z_threshold": 2.5, "ema_decay": 0.97}
+        hp = {**other, arg: per_step}
+        if factory is optaxclip.adaptive_clip:
+            bound = window_reference(norms, hp["quantile"], 1000, 10, hp["multiplier"])
+            want = np.minimum(norms, bound)
+        else:
+            want = zclip_reference(norms, hp["z_threshold"], hp["ema_decay"])
+        got = [float(np.linalg.norm(np.asarray(o["f32"], np.float64))) * np.sqrt(7 / 4) for o in run_outs]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
     assert not np.allclose(np.asarray(outs[-1]["f32"]), np.asarray(base[-1]["f32"]))

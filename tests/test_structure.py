@@ -107,6 +107,7 @@ CASES = {
     "adaptive_clip_streaming": (lambda: optaxclip.adaptive_clip(estimator="streaming"), GRADS, False),
     "zscore_clip": (lambda: optaxclip.zscore_clip(), GRADS, False),
     "adagc_clip": (lambda: optaxclip.adagc_clip(), GRADS, False),
+    "guard_clip": (lambda: optaxclip.guard_clip(), GRADS, False),
     "dp_aggregate_per_example": (
         lambda: optaxclip.dp_aggregate(1.0, 1.1, KEY, expected_batch_size=BATCH),
         _per_example(DP_GRADS),
