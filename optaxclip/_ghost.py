@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import _checks, _norms
 from . import _ghost_ops as ops
-from . import _norms
 from ._ghost_plan import GHOST, MATERIALISED, PER_EXAMPLE, Plan, make_plan
 from ._ghost_trace import Taps, Traced, evaluate, trace_example
 from ._per_example import (
@@ -30,6 +30,7 @@ from ._per_example import (
     _check_argnums,
     _check_wrt_dtypes,
     _layer_bounds,
+    _microbatched,
     _row_mask,
     _vary_like_batch,
     _varying_axes,
@@ -173,6 +174,7 @@ def ghost_clipped_grad_sum(
     batch_argnums: int | Sequence[int] = 1,
     *,
     has_aux: bool = False,
+    microbatch_size: int | None = None,
 ) -> Callable[..., Any]:
     """The clipped per-example gradient sum of `clipped_grad_sum`, by ghost norms and book-keeping.
 
@@ -209,6 +211,11 @@ def ghost_clipped_grad_sum(
       batch_argnums: Which arguments carry the batch axis; the others are
         closed over (a Python flag among them stays static).
       has_aux: Whether `loss_fn` returns `(loss, aux)`.
+      microbatch_size: Examples per sequential chunk, as in `clipped_grad_sum`
+        (the batch size must be a multiple of it); each chunk's clipped sum
+        is added to a float32 running sum, so the cotangents and records
+        held at once scale with the chunk, not the batch. `None`: the whole
+        batch at once.
 
     Returns:
       A function `f(*args, l2_norm_clip, mask=None)` returning a
@@ -259,6 +266,8 @@ def ghost_clipped_grad_sum(
     if not isinstance(argnums, int) or isinstance(argnums, bool):
         raise ValueError(f"{fn}: `argnums` must be one int (the params argument), got argnums={argnums!r}.")
     _, batch_argnums = _check_argnums(fn, argnums, batch_argnums)
+    if microbatch_size is not None:
+        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1)
 
     def paths(*args) -> dict[str, str]:
         _batch_size(fn, args, batch_argnums)
@@ -267,14 +276,10 @@ def ghost_clipped_grad_sum(
         flat, _ = jax.tree_util.tree_flatten_with_path(args[argnums])
         return {jax.tree_util.keystr(k): modes.get(i, PER_EXAMPLE) for i, (k, _) in enumerate(flat)}
 
-    def run(*args, l2_norm_clip, mask=None):
-        batch = _batch_size(fn, args, batch_argnums)
-        _check_wrt_dtypes(fn, args, (argnums,))
-        args = _vary_like_batch(args, (argnums,), batch_argnums)
+    def chunk_sum(args, real, bounds, clip):
+        """`(clipped sums, norms, aux)` of the examples in `args` (the whole batch or one microbatch)."""
+        batch = real.shape[0]
         leaves, treedef = jax.tree.flatten(args[argnums])
-        bounds = _layer_bounds(fn, l2_norm_clip, args[argnums])
-        clip = jnp.asarray(l2_norm_clip, F32) if bounds is None else layer_sensitivity(bounds)
-        real = _row_mask(mask, batch)
         traced, plan, modes = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
         examples = [x for i in batch_argnums for x in jax.tree.leaves(args[i])]
         records, g_zs, g_fb, fallback, aux = _backward(traced, plan, leaves, examples, batch)
@@ -285,10 +290,28 @@ def ghost_clipped_grad_sum(
             factors = [_norms.scale_factor(norms, clip)] * len(leaves)
         weights = [jnp.where(ok, f, 0.0) for f in factors]
         sums = _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok)
-        result = ClippedGradSum(treedef.unflatten(sums), norms, real, clip)
-        if not has_aux:
-            return result
-        return result, jax.tree.unflatten(traced.aux_tree, aux)
+        aux = jax.tree.unflatten(traced.aux_tree, aux) if has_aux else None
+        return treedef.unflatten(sums), norms, aux
+
+    def run(*args, l2_norm_clip, mask=None):
+        batch = _batch_size(fn, args, batch_argnums)
+        _check_wrt_dtypes(fn, args, (argnums,))
+        args = _vary_like_batch(args, (argnums,), batch_argnums)
+        bounds = _layer_bounds(fn, l2_norm_clip, args[argnums])
+        clip = jnp.asarray(l2_norm_clip, F32) if bounds is None else layer_sensitivity(bounds)
+        real = _row_mask(mask, batch)
+        if microbatch_size is None:
+            grads, norms, aux = chunk_sum(args, real, bounds, clip)
+        else:
+
+            def body(total, chunk, chunk_real):
+                part, norms, aux = chunk_sum(chunk, chunk_real, bounds, clip)
+                return jax.tree.map(jnp.add, total, part), (norms, aux)
+
+            zeros = jax.tree.map(lambda p: jnp.zeros_like(p, F32), args[argnums])
+            grads, (norms, aux) = _microbatched(fn, args, batch_argnums, microbatch_size, body, zeros, real)
+        result = ClippedGradSum(grads, norms, real, clip)
+        return (result, aux) if has_aux else result
 
     run.paths = paths
     return run

@@ -158,6 +158,27 @@ class GhostMatchesVmapPathTest(parameterized.TestCase):
         np.testing.assert_allclose(fast.norms, slow.norms, rtol=RTOL)
         assert_close(fast.grads, slow.grads)
 
+    @parameterized.named_parameters(("global", 0.3), ("per_layer", PER_LAYER))
+    def test_microbatches_give_the_same_sum_norms_and_aux(self, clip):
+        c = case("nnx_lstm")
+        aux_loss = lambda p, x, y, s: (c.loss(p, x, y, s), jnp.sum(x))
+        f = optaxclip.ghost_clipped_grad_sum(
+            aux_loss, batch_argnums=(1, 2, 3), has_aux=True, microbatch_size=2
+        )
+        scale, mask = jnp.ones(B).at[3].set(jnp.nan), jnp.array([True, False, True, True])
+        fast, aux = jax.jit(lambda *a: f(*a, l2_norm_clip=clip, mask=mask))(c.params, c.x, c.y, scale)
+        _, (slow, slow_layer) = c.run(scale, mask)
+        slow = slow if clip == 0.3 else slow_layer
+        np.testing.assert_array_equal(aux, jnp.sum(c.x, axis=1))
+        np.testing.assert_allclose(fast.norms, slow.norms, rtol=RTOL)
+        assert_close(fast.grads, slow.grads)
+        with pytest.raises(ValueError, match=r"ghost_clipped_grad_sum: `microbatch_size` .*=0"):
+            optaxclip.ghost_clipped_grad_sum(aux_loss, microbatch_size=0)
+        with pytest.raises(ValueError, match=r"batch size \(4\) must be a multiple of `microbatch_size`"):
+            optaxclip.ghost_clipped_grad_sum(c.loss, batch_argnums=(1, 2, 3), microbatch_size=3)(
+                c.params, c.x, c.y, scale, l2_norm_clip=1.0
+            )
+
     def test_has_aux_returns_per_example_aux(self):
         c = case("equinox_lstm")
         aux_loss = lambda p, x, y: (c.loss(p, x, y, 1.0), {"n": jnp.sum(x), "z": jnp.zeros(2)})
