@@ -14,6 +14,7 @@ leaves take exact per-example gradients, in the same backward pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,9 +74,7 @@ def _backward(traced: Traced, plan: Plan, leaves: list, examples: list, batch: i
         return outs[0], ([taps.out[r] for r in recorded], outs[1:])
 
     like = next((x for x in leaves if _varying_axes(x)), None)
-    zs = [
-        _zeros((*ops_steps(scans), batch, *aval.shape), aval.dtype, like) for scans, aval in plan.point_shapes
-    ]
+    zs = [_zeros((*_steps(scans), batch, *aval.shape), aval.dtype, like) for scans, aval in plan.point_shapes]
     fb = [jnp.broadcast_to(leaves[i], (batch, *jnp.shape(leaves[i]))) for i in fallback]
     batched = jax.vmap(one, in_axes=(0, z_axes, 0), out_axes=(0, (rec_axes, 0)))
     losses, vjp_fn, (recs, aux) = jax.vjp(lambda fb, zs: batched(fb, zs, examples), fb, zs, has_aux=True)
@@ -87,7 +86,7 @@ def _backward(traced: Traced, plan: Plan, leaves: list, examples: list, batch: i
     return records, g_zs, g_fb, fallback, aux
 
 
-def ops_steps(scans) -> tuple[int, ...]:
+def _steps(scans) -> tuple[int, ...]:
     return tuple(e.params["length"] for e in scans)
 
 
@@ -168,6 +167,24 @@ def _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok) -> list:
     return sums
 
 
+def _clipped_sum(loss_fn, argnums, batch_argnums, has_aux, args, real, bounds, clip):
+    """`(clipped sums, norms, aux)` of the examples in `args` (the whole batch or one microbatch)."""
+    batch = real.shape[0]
+    leaves, treedef = jax.tree.flatten(args[argnums])
+    traced, plan, modes = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
+    examples = [x for i in batch_argnums for x in jax.tree.leaves(args[i])]
+    records, g_zs, g_fb, fallback, aux = _backward(traced, plan, leaves, examples, batch)
+    sq = _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch)
+    norms, factors = clip_factors(sq, bounds, clip)
+    ok = real & jnp.isfinite(norms)
+    if factors is None:
+        factors = [_norms.scale_factor(norms, clip)] * len(leaves)
+    weights = [jnp.where(ok, f, 0.0) for f in factors]
+    sums = _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok)
+    aux = jax.tree.unflatten(traced.aux_tree, aux) if has_aux else None
+    return treedef.unflatten(sums), norms, aux
+
+
 def ghost_clipped_grad_sum(
     loss_fn: Callable[..., Any],
     argnums: int = 0,
@@ -193,8 +210,10 @@ def ghost_clipped_grad_sum(
     over its positions (token equality for an embedding) or the norm of
     its per-example gradient materialised from the op's VJP, whichever
     holds less (ghost while `2 N^2 < d_in d_out`, `N` positions incl.
-    scan steps); the clipped sum is the op's VJP at the factor-weighted
-    `G` (one matmul for a dense layer). A leaf used twice (a tied
+    scan steps; also where the Gram matrices it needs are made for other
+    sites anyway and cost fewer flops, as an LSTM's input kernels beside
+    its hidden ones); the clipped sum is the op's VJP at the
+    factor-weighted `G` (one matmul for a dense layer). A leaf used twice (a tied
     embedding, a layer applied twice), used inside a `custom_jvp`, `cond`
     or `while`, or through an op not listed takes exact per-example
     gradients (`jax.vmap` of the VJP, restricted to those leaves), in the
@@ -276,23 +295,6 @@ def ghost_clipped_grad_sum(
         flat, _ = jax.tree_util.tree_flatten_with_path(args[argnums])
         return {jax.tree_util.keystr(k): modes.get(i, PER_EXAMPLE) for i, (k, _) in enumerate(flat)}
 
-    def chunk_sum(args, real, bounds, clip):
-        """`(clipped sums, norms, aux)` of the examples in `args` (the whole batch or one microbatch)."""
-        batch = real.shape[0]
-        leaves, treedef = jax.tree.flatten(args[argnums])
-        traced, plan, modes = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
-        examples = [x for i in batch_argnums for x in jax.tree.leaves(args[i])]
-        records, g_zs, g_fb, fallback, aux = _backward(traced, plan, leaves, examples, batch)
-        sq = _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch)
-        norms, factors = clip_factors(sq, bounds, clip)
-        ok = real & jnp.isfinite(norms)
-        if factors is None:
-            factors = [_norms.scale_factor(norms, clip)] * len(leaves)
-        weights = [jnp.where(ok, f, 0.0) for f in factors]
-        sums = _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok)
-        aux = jax.tree.unflatten(traced.aux_tree, aux) if has_aux else None
-        return treedef.unflatten(sums), norms, aux
-
     def run(*args, l2_norm_clip, mask=None):
         batch = _batch_size(fn, args, batch_argnums)
         _check_wrt_dtypes(fn, args, (argnums,))
@@ -300,6 +302,7 @@ def ghost_clipped_grad_sum(
         bounds = _layer_bounds(fn, l2_norm_clip, args[argnums])
         clip = jnp.asarray(l2_norm_clip, F32) if bounds is None else layer_sensitivity(bounds)
         real = _row_mask(mask, batch)
+        chunk_sum = functools.partial(_clipped_sum, loss_fn, argnums, batch_argnums, has_aux)
         if microbatch_size is None:
             grads, norms, aux = chunk_sum(args, real, bounds, clip)
         else:
