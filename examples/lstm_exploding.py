@@ -80,6 +80,9 @@ CONFIGS = {
     # Per-layer value bounds, the long-sequence recipe's shape: the output layer gets a
     # range 10x wider than the recurrent layers (and the embedding feeding them).
     "layer_value": lambda: optaxclip.clip_by_value(layer_value_bound),
+    # The typical norm of healthy training, which fast-growing norms (with a rising loss,
+    # passed as `loss=`) cannot drag up.
+    "guard": lambda: optaxclip.guard_clip(),
 }
 
 # The recipe's own bounds are [-100, 100] for the output layer and [-10, 10] for the
@@ -121,7 +124,7 @@ def train(name: str, clip, args, data, progress: bool = True) -> dict:
     @jax.jit
     def step(p, s, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-        updates, s = tx.update(grads, s, p)
+        updates, s = tx.update(grads, s, p, loss=loss)  # the chain hands `loss` to guard_clip
         m = optaxclip.metrics(s)
         out = {"loss": loss, **{k: m[k] for k in ("pre_clip_norm", "threshold", "clipped")}}
         return optax.apply_updates(p, updates), s, out, m
