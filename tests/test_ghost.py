@@ -141,9 +141,8 @@ class GhostMatchesVmapPathTest(parameterized.TestCase):
         errors.append(max_rel_error(np.asarray(fast.norms)[ok], np.asarray(slow.norms)[ok]))
         print(f"{name}: max rel error vs the vmap path {max(errors):.1e}")  # the figure the README quotes
 
-    @parameterized.named_parameters(*[(n, n) for n in ("einsum_attention", "linen_lstm")])
-    def test_equal_a_float64_reference(self, name):
-        c = case(name)
+    def test_equal_a_float64_reference(self):
+        c = case("einsum_attention")
         mask = np.array([True, False, True, True])
         (fast, _), _ = c.run(mask=mask, clip=0.2)
         ref, ref_norms = c.float64_reference(0.2, mask)
@@ -180,13 +179,15 @@ class GhostMatchesVmapPathTest(parameterized.TestCase):
             )
 
     def test_has_aux_returns_per_example_aux(self):
-        c = case("equinox_lstm")
-        aux_loss = lambda p, x, y: (c.loss(p, x, y, 1.0), {"n": jnp.sum(x), "z": jnp.zeros(2)})
+        m = gm.mlp()
+        aux_loss = lambda p, x, y: (m.loss_fn(p, x, y), {"n": jnp.sum(x), "z": jnp.zeros(2)})
         f = optaxclip.ghost_clipped_grad_sum(aux_loss, batch_argnums=(1, 2), has_aux=True)
-        fast, aux = jax.jit(lambda p, x, y: f(p, x, y, l2_norm_clip=0.3))(c.params, c.x, c.y)
-        np.testing.assert_array_equal(aux["n"], jnp.sum(c.x, axis=1))
+        fast, aux = jax.jit(lambda p, x, y: f(p, x, y, l2_norm_clip=0.3))(m.params, *m.batch)
+        np.testing.assert_allclose(aux["n"], jnp.sum(m.batch[0], axis=1), rtol=1e-6)
         assert aux["z"].shape == (B, 2)
-        _, (slow, _) = c.run()
+        slow = optaxclip.clipped_grad_sum(m.loss_fn, batch_argnums=(1, 2))(
+            m.params, *m.batch, l2_norm_clip=0.3
+        )
         assert_close(fast.grads, slow.grads)
 
 
