@@ -247,7 +247,7 @@ def ghost_clipped_grad_sum(
       >>> import jax, jax.numpy as jnp, optaxclip
       >>> params = {"embed": jnp.ones((16, 8)) / 4, "w": jnp.ones((8, 4)) / 8, "b": jnp.zeros(4)}
       >>> def loss(p, tokens):  # one example: a sequence of tokens
-      ...     h = p["embed"][tokens] @ p["w"] + p["b"]
+      ...     h = p["embed"][tokens] @ p["w"] + p["b"][None, :]
       ...     return jnp.mean(jnp.tanh(h) ** 2)
       >>> f = optaxclip.ghost_clipped_grad_sum(loss)
       >>> tokens = jax.random.randint(jax.random.key(0), (3, 5), 0, 16)
