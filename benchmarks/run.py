@@ -1,4 +1,4 @@
-"""The benchmark entry point: `make bench` (full), `make bench-quick` (about 3 minutes), `benchmarks/gpu.sh`.
+"""The benchmark entry point: `make bench` (full), `make bench-quick` (about 4 minutes), `benchmarks/gpu.sh`.
 
 Run as a script, `python benchmarks/run.py [--plan quick|full|gpu]` (its folder is then on the
 import path: the benchmarks import each other by module name, optaxclip as installed).
@@ -37,11 +37,11 @@ HERE = pathlib.Path(__file__).resolve().parent
 # (at the sizes in "vmap"); "update"/"vmap_timing": (repeats, inner); "dp": (hidden, batch) pairs.
 PLANS = {
     "quick": {
-        "f32_sizes": (1.1e6,),
+        "f32_sizes": (1.1e6, 1.1e7),
         "bf16_sizes": (1.1e6,),
-        "vmap_sizes": (1.1e6,),
-        "update": (7, 3),
-        "vmap_timing": (5, 2),
+        "vmap_sizes": (1.1e6, 1.1e7),
+        "update": (21, 8),
+        "vmap_timing": (15, 4),
         "dp": ((128, 64),),
         "dp_timing": (5, 1),
     },
