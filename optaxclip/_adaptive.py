@@ -26,10 +26,10 @@ class AdaptiveClipState(NamedTuple):
     Attributes:
       stats: The `ClipStats`.
       norm_history: float32 `[window]` ring buffer of recent finite norms
-        (`[0]` with `estimator="streaming"`).
+        (`[1]`, unused, with `estimator="streaming"`).
       history_index: int32 `[]`, where the next norm is written.
       sorted_norm_history: float32 `[window]`, the same norms in ascending
-        order, +inf where the window is not yet full (`[0]` when streaming).
+        order, +inf where the window is not yet full (`[1]`, unused, when streaming).
       finite_norm_count: int32 `[]`, finite norms recorded so far (saturates).
       quantile_estimate: float32 `[]`, the estimated quantile the next step's
         threshold is built from (inf until a norm was recorded).
@@ -164,7 +164,8 @@ def adaptive_clip(
 
     def init_fn(params):
         del params
-        size = int(window) if estimator == "window" else 0
+        # Streaming keeps one unused slot, not an empty array: orbax refuses to save zero-size arrays.
+        size = int(window) if estimator == "window" else 1
         return AdaptiveClipState(
             stats=_stats.init_stats(),
             norm_history=jnp.zeros((size,), F32),
