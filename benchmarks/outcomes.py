@@ -64,7 +64,15 @@ METHODS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "zscore_clip": lambda: optaxclip.zscore_clip(),
     "adagc_clip": lambda: optaxclip.adagc_clip(),
     "guard_clip": lambda: optaxclip.guard_clip(),
+    # An ablation, not run by default: guard_clip without the loss signal (only the growth cap).
+    "guard_clip (no loss)": lambda: _without_loss(optaxclip.guard_clip()),
 }
+DEFAULT_METHODS = ("none", "adaptive_clip", "zscore_clip", "adagc_clip", "guard_clip")
+
+
+def _without_loss(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+    """`tx` with the `loss=` extra argument dropped."""
+    return optax.GradientTransformationExtraArgs(tx.init, lambda u, s, p=None, **_: tx.update(u, s, p))
 
 
 class AddingLSTM(nnx.Module):
@@ -306,7 +314,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--seeds", default=None, help="comma-separated, for every task (default: each task's own)"
     )
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from {', '.join(METHODS)}")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each task's steps")
     ap.add_argument("--name", default="outcomes", help="<out>/<name>.{json,md}")
     ap.add_argument("--out", default=str(HERE / "results"))
