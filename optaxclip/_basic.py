@@ -183,7 +183,9 @@ def _norm_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):
     `max(x) > hi` or `min(x) < lo`.
     """
     x, (lo, hi) = _paired(x, lo, hi)
-    return jnp.sum(jnp.square(x)), (jnp.max(x) > hi) | (jnp.min(x) < lo)
+    # `initial`: a zero-size leaf leaves nothing out of range.
+    out_of_range = (jnp.max(x, initial=-jnp.inf) > hi) | (jnp.min(x, initial=jnp.inf) < lo)
+    return _norms.plain_sumsq(x), out_of_range
 
 
 def _full_stats(x: jax.Array, lo: jax.Array, hi: jax.Array):

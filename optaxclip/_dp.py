@@ -249,7 +249,7 @@ def dp_aggregate(
         released, stats, _, _, dropped = _aggregate(
             fn, updates, state.stats, clip, std, expected_batch_size, noise_key, mask, params, axis_name
         )
-        return released, DPAggregateState(stats, next_key, state.nonfinite_example_count + dropped)
+        return released, DPAggregateState(stats, next_key, _stats.add(state.nonfinite_example_count, dropped))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -433,7 +433,7 @@ def dp_adaptive_aggregate(
         fraction = noised / expected_batch_size + 0.5
         new_clip = clip * jnp.exp(-clip_learning_rate * (fraction - target_unclipped_quantile))
         return released, DPAdaptiveAggregateState(
-            stats, next_key, state.nonfinite_example_count + dropped, new_clip, fraction
+            stats, next_key, _stats.add(state.nonfinite_example_count, dropped), new_clip, fraction
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -118,9 +118,9 @@ def _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch) -> list
             sq[site.leaf] = ops.embedding_ghost_sq(site, recs[0], bdims[0], flags[0], g)
         else:
             per = ops.per_example_grads(site, leaves[site.leaf], recs, bdims, flags, g).astype(F32)
-            sq[site.leaf] = jnp.sum(jnp.square(per).reshape(batch, -1), axis=1)
+            sq[site.leaf] = _norms.plain_sumsq(per.reshape(batch, -1), axis=1)
     for i, g in zip(fallback, g_fb, strict=True):
-        sq[i] = jnp.sum(jnp.square(g.astype(F32)).reshape(batch, -1), axis=1)
+        sq[i] = _norms.plain_sumsq(g.reshape(batch, -1), axis=1)
     return sq
 
 
@@ -152,7 +152,7 @@ def _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok) -> list:
         s, w = len(site.scans), weights[site.leaf]
         if (site.point, id(w)) not in kept:
             g = _keep(ok, g_zs[site.point], s)
-            kept[site.point, id(w)] = g * _row(w, g, s).astype(g.dtype)
+            kept[site.point, id(w)] = g.astype(F32) * _row(w, g, s)  # float32: see ops.weighted_sum
         for rid, r, d in zip(rids, recs, bdims, strict=True):
             if rid not in kept:
                 kept[rid] = _keep(ok, r, d)
@@ -174,12 +174,16 @@ def _clipped_sum(loss_fn, argnums, batch_argnums, has_aux, args, real, bounds, c
     traced, plan, modes = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
     examples = [x for i in batch_argnums for x in jax.tree.leaves(args[i])]
     records, g_zs, g_fb, fallback, aux = _backward(traced, plan, leaves, examples, batch)
+    # The norms and the sums read the same bits: XLA could otherwise compute a bfloat16 `G` twice,
+    # rounded in one consumer and not in the other, and the sum would pass the clip norm.
+    records, g_zs, g_fb = jax.lax.optimization_barrier((records, g_zs, g_fb))
     sq = _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch)
     norms, factors = clip_factors(sq, bounds, clip)
     ok = real & jnp.isfinite(norms)
-    if factors is None:
-        factors = [_norms.scale_factor(norms, clip)] * len(leaves)
-    weights = [jnp.where(ok, f, 0.0) for f in factors]
+    if factors is None:  # one global factor: one weights array, so sites sharing a `G` share its copy
+        weights = [jnp.where(ok, _norms.scale_factor(norms, clip), 0.0)] * len(leaves)
+    else:
+        weights = [jnp.where(ok, f, 0.0) for f in factors]
     sums = _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok)
     aux = jax.tree.unflatten(traced.aux_tree, aux) if has_aux else None
     return treedef.unflatten(sums), norms, aux

@@ -34,47 +34,64 @@ def _bind(eqn, invals: Sequence):
     return out[0] if eqn.primitive.multiple_results else out
 
 
-def site_fn(site: Site) -> Callable:
-    """`f(leaf, *records) -> op output` for one step of one example (the chain and the op, re-bound)."""
+def _f32(x):
+    """Float arrays and literals as float32 (exact for every narrower float); others as they are."""
+    return x.astype(F32) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+
+
+def _apply_chain(site: Site, w, f32: bool):
+    """The chain's ops on `w`; with `f32`, in float32 (float-to-float casts skipped, literals upcast).
+
+    The sums and per-example gradients run the chain's VJP in float32: a
+    cotangent rounded to a bfloat16 weight operand would move the released
+    sum by a rounding error that grows with the sum, past the clip norm.
+    """
+    for eqn, pos in site.chain:
+        cast = eqn.primitive.name == "convert_element_type"
+        if f32 and cast and jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+            if jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating):
+                continue
+        w = _bind(eqn, [w if k == pos else (_f32(u.val) if f32 else u.val) for k, u in enumerate(eqn.invars)])
+    return w
+
+
+def site_fn(site: Site, f32: bool = False) -> Callable:
+    """`f(leaf, *records) -> op output` for one step of one example (the chain and the op, re-bound).
+
+    With `f32`, the chain and the op run in float32 (see `_apply_chain`).
+    """
+    up = _f32 if f32 else (lambda x: x)
 
     def f(leaf, *recs):
-        w = leaf
-        for eqn, pos in site.chain:
-            w = _bind(eqn, [w if k == pos else u.val for k, u in enumerate(eqn.invars)])
+        w = _apply_chain(site, up(leaf), f32)
         it = iter(recs)
         ins = []
         for k, u in enumerate(site.eqn.invars):
             if k == site.pos:
                 ins.append(w)
             elif site.records[k] is not None:
-                ins.append(next(it))
+                ins.append(up(next(it)))
             elif hasattr(u, "val"):  # a literal
-                ins.append(u.val)
+                ins.append(up(u.val))
             else:  # an operand the weight gradient does not read (add, sub)
-                ins.append(jnp.zeros(u.aval.shape, u.aval.dtype))
+                ins.append(up(jnp.zeros(u.aval.shape, u.aval.dtype)))
         return _bind(site.eqn, ins)
 
     return f
 
 
-def _stepped(site: Site) -> Callable:
+def _stepped(site: Site, f32: bool = False) -> Callable:
     """`site_fn` vmapped over the enclosing scans' steps (records without a step axis broadcast)."""
-    f = site_fn(site)
+    f = site_fn(site, f32)
     flags = [r[1] for r in site.records if r is not None]
     for k in reversed(range(len(site.scans))):
         f = jax.vmap(f, in_axes=(None, *(0 if fl[k] else None for fl in flags)), axis_size=site.steps[k])
     return f
 
 
-def _chain(site: Site) -> Callable:
-    """`leaf -> the site's weight operand` (the chain's ops, re-bound)."""
-
-    def f(leaf):
-        for eqn, pos in site.chain:
-            leaf = _bind(eqn, [leaf if k == pos else u.val for k, u in enumerate(eqn.invars)])
-        return leaf
-
-    return f
+def _chain_vjp(site: Site, leaf, cotangent: jax.Array) -> jax.Array:
+    """The VJP of the site's chain at `leaf`, in float32, for a float32 `cotangent` of its output."""
+    return jax.vjp(lambda w: _apply_chain(site, w, True), _f32(leaf))[1](cotangent)[0]
 
 
 def _dot_spec(site: Site, bdim: int, flags: tuple) -> tuple[str, str, str]:
@@ -113,35 +130,31 @@ def per_example_grads(site: Site, leaf, recs: list, bdims: list, flags: list, g:
     if site.kind == "dot_general":
         a, gs, w = _dot_spec(site, bdims[0], flags[0])
         per = jnp.einsum(f"{a},{gs}->{w}", recs[0], g, precision=HIGHEST, preferred_element_type=F32)
-        if not site.chain:
-            return per
-        chain = _chain(site)
-        return jax.vmap(lambda x: jax.vjp(chain, leaf)[1](x.astype(chain(leaf).dtype))[0])(per)
-    f = _stepped(site)
+        return jax.vmap(lambda x: _chain_vjp(site, leaf, x))(per) if site.chain else per
+    f = _stepped(site, f32=True)
 
     def one(recs_b, g_b):
-        return jax.vjp(lambda w: f(w, *recs_b), leaf)[1](g_b)[0]
+        return jax.vjp(lambda w: f(w, *recs_b), _f32(leaf))[1](_f32(g_b))[0]
 
     return jax.vmap(one, in_axes=(list(bdims), s), axis_size=g.shape[s])(recs, g)
 
 
 def weighted_sum(site: Site, leaf, recs: list, bdims: list, flags: list, g: jax.Array) -> jax.Array:
-    """`sum_b` of each example's gradient of the leaf at cotangents `g` (already weighted and masked).
+    """`sum_b` of each example's gradient of the leaf at cotangents `g` (float32, weighted and masked).
 
     For a dot, one einsum over the batch and the positions (the weight
     gradient of the non-private backward pass, laid out as XLA prefers),
-    then the chain's VJP; else the VJP of the batched site.
+    then the chain's VJP; else the VJP of the batched site. All in float32:
+    rounding the weighted `g` or the sum to a narrower weight dtype could
+    move the sum by more than the clip norm per example.
     """
     s = len(site.scans)
     if site.kind == "dot_general":
         a, gs, w = _dot_spec(site, bdims[0], flags[0])
-        total = jnp.einsum(f"{a},{gs}->{w[1:]}", recs[0], g, preferred_element_type=F32)
-        if not site.chain:
-            return total
-        chain = _chain(site)
-        return jax.vjp(chain, leaf)[1](total.astype(chain(leaf).dtype))[0]
-    f = jax.vmap(_stepped(site), in_axes=(None, *bdims), out_axes=s, axis_size=g.shape[s])
-    return jax.vjp(lambda w: f(w, *recs), leaf)[1](g)[0]
+        total = jnp.einsum(f"{a},{gs}->{w[1:]}", recs[0], g, precision=HIGHEST, preferred_element_type=F32)
+        return _chain_vjp(site, leaf, total) if site.chain else total
+    f = jax.vmap(_stepped(site, f32=True), in_axes=(None, *bdims), out_axes=s, axis_size=g.shape[s])
+    return jax.vjp(lambda w: f(w, *recs), _f32(leaf))[1](g)[0]
 
 
 def _all_steps(a: jax.Array, bdim: int, flags: tuple, steps: tuple) -> jax.Array:
@@ -184,7 +197,8 @@ def gram_keys(site: Site) -> tuple[tuple, tuple]:
     xc, xb, xf, out = _dot_dims(site)
     h, n, _, f = dot_shapes(site)
     rid, flags = next(r for r in site.records if r is not None)
-    return ("a", rid, flags, xc, xb, xf), ("g", site.point, out, len(xb), h, n, f)
+    # The steps are in the record's key: one record read by sites in sibling scans of other lengths.
+    return ("a", rid, flags, xc, xb, xf, tuple(site.steps)), ("g", site.point, out, len(xb), h, n, f)
 
 
 def dot_ghost_sq(site: Site, a: jax.Array, bdim: int, flags: tuple, g, grams: dict) -> jax.Array:

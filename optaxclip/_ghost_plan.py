@@ -53,7 +53,6 @@ class Site:
     scans: tuple  # the enclosing scan eqns, outermost first
     point: int = -1  # perturbation id: the site's output cotangent G
     records: tuple = ()  # per operand: (record id, flags) or None (the leaf's operand, a literal, unread)
-    mode: str = MATERIALISED
 
     @property
     def kind(self) -> str:
@@ -92,21 +91,17 @@ def _isometric(eqn) -> bool:
 
 
 class _Graph:
-    """Uses and per-example / param dependence of every variable of a normalised jaxpr tree."""
+    """Uses and per-example dependence of every variable of a normalised jaxpr tree."""
 
     def __init__(self, closed, n_params: int):
         self.uses: dict = {}
         self.ex: set = set()  # depends on a batched input
-        self.par: set = set()  # depends on a param leaf
-        self.owner: dict = {}  # body jaxpr id -> scan eqn
-        self.parent: dict = {}  # id(scan eqn) -> enclosing scan eqn or None
         jaxpr = closed.jaxpr
         self.top = jaxpr
-        self.par.update(jaxpr.invars[:n_params])
         self.ex.update(jaxpr.invars[n_params:])
-        self._walk(jaxpr, None)
+        self._walk(jaxpr)
 
-    def _walk(self, jaxpr, scan) -> None:
+    def _walk(self, jaxpr) -> None:
         for v in jaxpr.outvars:
             self._use(v, None, -1)
         live = _live(jaxpr)
@@ -116,13 +111,10 @@ class _Graph:
             for k, v in enumerate(eqn.invars):
                 self._use(v, eqn, k)
             if eqn.primitive.name == "scan":
-                self.parent[id(eqn)] = scan
                 self._scan(eqn)
                 continue
-            ins = [v for v in eqn.invars if not isinstance(v, jcore.Literal)]
-            for flag in (self.ex, self.par):
-                if any(v in flag for v in ins):
-                    flag.update(eqn.outvars)
+            if any(v in self.ex for v in eqn.invars if not isinstance(v, jcore.Literal)):
+                self.ex.update(eqn.outvars)
 
     def _use(self, v, eqn, k) -> None:
         if not isinstance(v, jcore.Literal):
@@ -131,19 +123,17 @@ class _Graph:
     def _scan(self, eqn) -> None:
         body = eqn.params["jaxpr"].jaxpr
         n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
-        self.owner[id(body)] = eqn
-        for flag in (self.ex, self.par):  # carries: to a fixed point
-            for _ in range(n_carry + 1):
-                for v, inner in zip(eqn.invars, body.invars, strict=True):
-                    if v in flag:
-                        flag.add(inner)
-                for k in range(n_carry):
-                    if body.outvars[k] in flag:
-                        flag.add(body.invars[n_consts + k])
-                self._propagate(body, flag)
-        self._walk(body, eqn)
-        for flag in (self.ex, self.par):
-            flag.update(o for o, inner in zip(eqn.outvars, body.outvars, strict=True) if inner in flag)
+        flag = self.ex
+        for _ in range(n_carry + 1):  # carries: to a fixed point
+            for v, inner in zip(eqn.invars, body.invars, strict=True):
+                if v in flag:
+                    flag.add(inner)
+            for k in range(n_carry):
+                if body.outvars[k] in flag:
+                    flag.add(body.invars[n_consts + k])
+            self._propagate(body, flag)
+        self._walk(body)
+        flag.update(o for o, inner in zip(eqn.outvars, body.outvars, strict=True) if inner in flag)
 
     def _propagate(self, jaxpr, flag) -> None:
         for eqn in jaxpr.eqns:

@@ -107,7 +107,8 @@ def guard_clip(
       initial_max_norm: Optional bound for the steps before a norm was
         recorded (the first step); > 0. Without it the first step passes.
       axis_name: Inside `shard_map`/`pmap`, when each device holds a
-        disjoint shard of the updates, the axis to take the norm over.
+        disjoint shard of the updates, the axis to take the norm over; a
+        `loss=` is averaged over it, so every device keeps the same state.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose `update` takes an
@@ -173,6 +174,8 @@ def guard_clip(
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
         del params, extra_args
         norm = _norms.global_norm(updates, axis_name)
+        if loss is not None and axis_name is not None:  # every device's state takes the mean loss
+            loss = jax.lax.pmean(jnp.asarray(loss, F32), axis_name)
         usable = jnp.isfinite(norm) & (norm > 0)
         log_norm = jnp.log(jnp.where(usable, norm, 1.0))
         started = state.finite_norm_count > 0

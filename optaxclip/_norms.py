@@ -67,6 +67,16 @@ def sumsq_pair(x: jax.Array, axes: Axes) -> tuple[jax.Array, jax.Array]:
     return plain, scaled
 
 
+def plain_sumsq(x: jax.Array, axis: Axes | int | None = None) -> jax.Array:
+    """The plain float32 sum of squares of `x` over `axis` (all by default), in one read.
+
+    Not overflow-safe: it reads inf once the norm passes about 1.8e19. For
+    the callers that document that and keep one reduction: `clip_by_value`'s
+    default stats and the ghost path's per-example squared norms.
+    """
+    return jnp.sum(jnp.square(x.astype(F32)), axis=axis)
+
+
 def root(plain: jax.Array, scaled: jax.Array) -> jax.Array:
     """The norm from a `sumsq_pair`: the plain sum's root where finite, else the scaled one's."""
     return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), jnp.sqrt(scaled) * _UP)

@@ -289,7 +289,7 @@ def clipped_grad_sum(
     `m x params` per-example values exist at once (peak memory scales with
     the microbatch, not the batch). The result feeds `dp_aggregate` or
     `dp_adaptive_aggregate`, which add the noise and normalize.
-    `optaxclip.fast_clipped_grad_sum` computes the same result without
+    `optaxclip.ghost_clipped_grad_sum` computes the same result without
     materialising per-example gradients where the model allows.
 
     Args:

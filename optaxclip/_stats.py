@@ -75,6 +75,12 @@ def increment(count: jax.Array, flag: Any) -> jax.Array:
     return jnp.where(flag, bumped, count).astype(jnp.int32)
 
 
+def add(count: jax.Array, n: jax.Array) -> jax.Array:
+    """`count + n` (`n >= 0`), saturating at int32's max instead of wrapping."""
+    top = jnp.iinfo(jnp.int32).max
+    return jnp.where(count > top - n, top, count + n).astype(jnp.int32)
+
+
 def ring_push(history: jax.Array, index: jax.Array, value: jax.Array, keep: jax.Array):
     """Writes `value` at `index` of the ring buffer if `keep`; returns (history, index)."""
     window = history.shape[0]

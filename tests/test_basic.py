@@ -253,6 +253,16 @@ class ClipByValueTest(chex.TestCase):
             self.assertEqual(float(st.post_clip_norm), float(st.pre_clip_norm))
 
     @parameterized.parameters("norm", "full")
+    def test_zero_size_leaf(self, stats):
+        tx = optaxclip.clip_by_value(1.0, stats=stats)
+        out, state = jax.jit(tx.update)({"e": jnp.zeros((0, 3)), "a": jnp.array([0.5, 3.0])}, tx.init(None))
+        assert out["e"].shape == (0, 3)
+        np.testing.assert_array_equal(np.asarray(out["a"]), [0.5, 1.0])
+        st = optaxclip.stats(state)
+        assert bool(st.clipped) and int(st.clip_count) == 1
+        np.testing.assert_allclose(float(st.pre_clip_norm), np.hypot(0.5, 3.0), rtol=1e-6)
+
+    @parameterized.parameters("norm", "full")
     def test_one_element_barely_out_among_a_million_in_range(self, stats):
         x = np.full(1_000_000, 0.5, np.float32)
         x[123_456] = np.nextafter(np.float32(1), np.float32(2))

@@ -440,3 +440,52 @@ class DTypeRuleTest(parameterized.TestCase):
         f = optaxclip.ghost_clipped_grad_sum(lambda p, x: jnp.sum(p["w"] * x[:3]))
         with pytest.raises(ValueError, match=refused_message("argument 0['v']", dtype)):
             f(params, xs, l2_norm_clip=1.0)
+
+
+def _bf16_dense_loss(p, x):
+    """A bfloat16 dense site (bf16 weight, or a float32 weight cast to bf16: a chain) and a bf16 scale."""
+    h = x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16)
+    return jnp.sum((h * p["scale"].astype(jnp.bfloat16)[None, :]).astype(jnp.float32) ** 2)
+
+
+def _sibling_scans_loss(p, x):
+    """One per-example record read by sites in two sibling scans of different lengths."""
+    c = jnp.tanh(x.mean(0))
+    first = jax.lax.scan(lambda h, _: (jnp.tanh(h + c @ p["w1"]),) * 2, jnp.zeros(16), None, length=3)[1]
+    second = jax.lax.scan(lambda h, _: (jnp.tanh(h + c @ p["w2"]),) * 2, jnp.zeros(16), None, length=5)[1]
+    return jnp.sum(first**2) + jnp.sum(second**2)
+
+
+class PrecisionAndScanTest(parameterized.TestCase):
+    @parameterized.parameters(jnp.bfloat16, jnp.float32)
+    def test_one_bfloat16_example_is_clipped_to_the_norm_in_float32(self, weight_dtype):
+        # The clipped sum of ONE example is that example's contribution: its norm must be at most the
+        # clip norm to float32 rounding. Weighting the bf16 cotangents in bf16 overshot it by up to 0.2%.
+        clip = 0.1234567
+        ghost = optaxclip.ghost_clipped_grad_sum(_bf16_dense_loss)
+        f = jax.jit(lambda p, x: ghost(p, x, l2_norm_clip=clip))
+        worst = 0.0
+        for seed in range(8):
+            k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+            p = {
+                "w": jax.random.normal(k1, (16, 16)).astype(weight_dtype),
+                "scale": (1 + jax.random.normal(k3, (16,))).astype(weight_dtype),
+            }
+            x = jax.random.normal(k2, (1, 3, 16))
+            out = f(p, x)
+            assert float(out.norms[0]) > 10 * clip  # the example is clipped
+            leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(out.grads)]
+            total = np.sqrt(sum(np.sum(np.square(g)) for g in leaves))
+            worst = max(worst, total / clip)
+        assert worst <= 1 + 1e-6, worst
+
+    def test_sibling_scans_of_other_lengths_reading_one_record(self):
+        k = jax.random.split(jax.random.key(0), 3)
+        p = {"w1": jax.random.normal(k[0], (16, 16)) * 0.3, "w2": jax.random.normal(k[1], (16, 16)) * 0.3}
+        x = jax.random.normal(k[2], (3, 4, 16))
+        ghost = optaxclip.ghost_clipped_grad_sum(_sibling_scans_loss)
+        assert set(ghost.paths(p, x).values()) <= {"ghost", "materialised"}
+        got = jax.jit(lambda p, x: ghost(p, x, l2_norm_clip=1.0))(p, x)
+        want = optaxclip.clipped_grad_sum(_sibling_scans_loss)(p, x, l2_norm_clip=1.0)
+        np.testing.assert_allclose(got.norms, want.norms, rtol=RTOL)
+        assert_close(got.grads, want.grads)

@@ -241,17 +241,43 @@ def test_vmap_over_independent_states():
     losses = jnp.asarray(rng.normal(size=(steps, k)) + 3.0, jnp.float32)
     states = jax.vmap(tx.init)(jnp.zeros((k, 3)))
     vstep = jax.jit(jax.vmap(lambda u, s, loss: tx.update(u, s, loss=loss)))
+    vouts = []
     for t in range(steps):
         vout, states = vstep(g[t], states, losses[t])
+        vouts.append(vout)
     for i in range(k):
         state = tx.init(None)
-        for t in range(steps):
+        for t in range(steps):  # every step's output, the spike's (step 6, state 1) included
             out, state = tx.update(g[t, i], state, loss=losses[t, i])
-        np.testing.assert_allclose(np.asarray(vout[i]), np.asarray(out), rtol=1e-6)
+            np.testing.assert_allclose(np.asarray(vouts[t][i]), np.asarray(out), rtol=1e-6)
         np.testing.assert_allclose(float(states.stats.threshold[i]), float(state.stats.threshold), rtol=1e-6)
         assert bool(states.spike[i]) == bool(state.spike) and int(states.spike_count[i]) == int(
             state.spike_count
         )
+    assert int(states.spike_count[1]) >= 1 and float(vouts[6][1].max()) < float(g[6, 1].max()) / 10
+
+
+def test_axis_name_takes_the_norm_and_the_mean_loss_over_the_axis():
+    # Four "devices" (vmap with an axis name), each holding a disjoint shard of the updates and its
+    # own loss: every device's state equals one device's run on the whole tree with the mean loss.
+    tx, whole = optaxclip.guard_clip(axis_name="d"), optaxclip.guard_clip()
+    rng = np.random.default_rng(3)
+    steps, k = 40, 4
+    g = rng.lognormal(size=(steps, k, 5)).astype(np.float32)
+    g[20:] *= np.float32(1.5) ** np.arange(1, steps - 19)[:, None, None]  # growing norms
+    losses = (3 + rng.normal(size=(steps, k)) + np.linspace(0, 2, steps)[:, None]).astype(np.float32)
+    step = jax.jit(jax.vmap(lambda u, s, loss: tx.update(u, s, loss=loss), axis_name="d"))
+    states = jax.vmap(tx.init)(jnp.zeros((k, 5)))
+    state = whole.init(None)
+    for t in range(steps):
+        out, states = step(jnp.asarray(g[t]), states, jnp.asarray(losses[t]))
+        want, state = whole.update(jnp.asarray(g[t]), state, loss=jnp.float32(losses[t].mean()))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-5)
+        for f in ("guard_norm", "typical_norm", "loss_fast", "loss_slow"):
+            got = np.asarray(getattr(states, f))
+            np.testing.assert_allclose(got, np.full(k, float(getattr(state, f))), rtol=2e-5, err_msg=f)
+        assert np.all(np.asarray(states.loss_rising) == bool(state.loss_rising))
+    assert int(state.stats.clip_count) > 10  # the guard acted in the run compared
 
 
 def test_inject_hyperparams_changes_the_output_by_the_right_amount():
