@@ -30,6 +30,8 @@ for name, tx in [
     ("agc", optaxclip.adaptive_grad_clip(0.01)),
     ("adaptive", optaxclip.adaptive_clip(window=8, warmup_steps=0, initial_max_norm=1.0)),
     ("zscore", optaxclip.zscore_clip(warmup_steps=1)),
+    ("adagc", optaxclip.adagc_clip(warmup_steps=1)),
+    ("guard", optaxclip.guard_clip()),
 ]:
     chain = optax.chain(tx, optax.adam(1e-3))
     step = jax.jit(chain.update)
@@ -63,6 +65,34 @@ for name, tx in [
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref_out), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5)
     print(name, "shard_map axis_name norm", float(norm), "== full", float(full))
+# 2b. guard_clip inside shard_map: disjoint shards of the updates, a different loss on each
+# device; the state comes back replicated (out_specs=P()) and equals one device's run on the
+# whole tree with the mean loss, step after step (growing norms, so the guard acts).
+guard8, guard1 = optaxclip.guard_clip(axis_name="x"), optaxclip.guard_clip()
+
+
+def guard_local(g, s, loss):
+    return guard8.update(g, s, loss=loss[0])
+
+
+guard_fn = jax.jit(
+    jax.shard_map(guard_local, mesh=mesh, in_specs=(P("x"), P(), P("x")), out_specs=(P("x"), P()))
+)
+small = {k: v for k, v in grads.items() if k != "b"}  # finite norms: the guard's statistics move
+st8, st1 = guard8.init(None), guard1.init(None)
+for t in range(12):
+    g_t = jax.tree.map(lambda x, t=t: (x * 1.6**t).astype(x.dtype), small)
+    losses = jnp.asarray(3.0 + 0.1 * t + np.arange(8) * 0.05, jnp.float32)
+    out8, st8 = guard_fn(shard(g_t), st8, jax.device_put(losses, NamedSharding(mesh, P("x"))))
+    out1, st1 = guard1.update(g_t, st1, loss=jnp.mean(losses))
+    for a, b in zip(jax.tree.leaves(out8), jax.tree.leaves(out1), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-5)
+    for k, v in optaxclip.metrics(st1).items():
+        np.testing.assert_allclose(
+            np.asarray(optaxclip.metrics(st8)[k], np.float64), np.asarray(v, np.float64), rtol=2e-5, err_msg=k
+        )
+assert int(st1.stats.clip_count) > 3, int(st1.stats.clip_count)
+print("guard shard_map 8 devices == 1 device, clips", int(st1.stats.clip_count))
 # 3. DP-SGD data parallel: each device clips its own examples; psum; one noise draw.
 per_example = {
     "w": jnp.asarray(rng.standard_normal((16, 4, 3)) * 3, jnp.float32),

@@ -15,5 +15,6 @@ def test_sharded_norms_and_updates_match_unsharded():
     assert "dp 8 devices == 1 device" in proc.stdout
     for name in ("dp_aggregate", "dp_adaptive_aggregate"):
         assert f"{name} pipeline 8 devices == 1 device" in proc.stdout
-    for name in ("global", "leaf", "value", "agc", "adaptive", "zscore"):
+    for name in ("global", "leaf", "value", "agc", "adaptive", "zscore", "adagc", "guard"):
         assert f"{name} sharded == unsharded" in proc.stdout
+    assert "guard shard_map 8 devices == 1 device" in proc.stdout
