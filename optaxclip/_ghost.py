@@ -35,7 +35,6 @@ from ._per_example import (
     _row_mask,
     _vary_like_batch,
     _varying_axes,
-    clip_factors,
     layer_sensitivity,
 )
 
@@ -105,23 +104,50 @@ def _site_records(plan, site, records: dict) -> tuple[list, list, list]:
     return [records[rid] for rid, _ in used], bdims, [flags for _, flags in used]
 
 
-def _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch) -> list:
-    """Each leaf's per-example squared norm `[B]` (float32)."""
-    sq: list = [jnp.zeros((batch,), F32)] * len(leaves)
-    grams: dict = {}
+def _rule(site, modes) -> str:
+    """How a site's leaf is measured and summed: `dot`, `embedding` or `conv` (certified norms, the
+    sum by the batched VJP), else `kept` (its per-example gradients, summed as measured)."""
+    if not site.isometric:
+        return "kept"
+    if site.kind == "dot_general":
+        return "dot"
+    if modes[site.leaf] == GHOST or ops.is_embedding(site):
+        return "embedding"
+    return "conv" if ops.is_plain_conv(site) else "kept"
+
+
+def _centres(plan, modes, records, g_zs) -> dict:
+    """The dense sites' per-example record means and `G` sums (read by the norms and the sums)."""
+    centres: dict = {}
+    for site in plan.sites:
+        if _rule(site, modes) == "dot":
+            recs, bdims, flags = _site_records(plan, site, records)
+            ops.dot_centres(site, recs[0], bdims[0], flags[0], g_zs[site.point], centres)
+    return centres
+
+
+def _leaf_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, centres) -> tuple[list, dict]:
+    """Each leaf's certified per-example norms (`ops.Norm`), and the per-example gradients of the
+    leaves whose sum adds them as measured (`kept`)."""
+    norms: list = [None] * len(leaves)
+    kept: dict = {}
+    cache: dict = {}
     for site in plan.sites:
         recs, bdims, flags = _site_records(plan, site, records)
-        g = g_zs[site.point]
-        if modes[site.leaf] == GHOST and site.kind == "dot_general":
-            sq[site.leaf] = ops.dot_ghost_sq(site, recs[0], bdims[0], flags[0], g, grams)
-        elif modes[site.leaf] == GHOST:
-            sq[site.leaf] = ops.embedding_ghost_sq(site, recs[0], bdims[0], flags[0], g)
+        g, mode, leaf, rule = g_zs[site.point], modes[site.leaf], leaves[site.leaf], _rule(site, modes)
+        if rule == "dot":
+            norms[site.leaf] = ops.dot_norm(site, mode, leaf, recs[0], bdims[0], flags[0], g, centres, cache)
+        elif rule == "embedding":
+            norms[site.leaf] = ops.embedding_norm(site, mode, leaf, recs, bdims, flags, g)
+        elif rule == "conv":
+            norms[site.leaf] = ops.conv_norm(site, leaf, recs, bdims, flags, g)
         else:
-            per = ops.per_example_grads(site, leaves[site.leaf], recs, bdims, flags, g).astype(F32)
-            sq[site.leaf] = _norms.plain_sumsq(per.reshape(batch, -1), axis=1)
+            kept[site.leaf] = ops.per_example_grads(site, leaf, recs, bdims, flags, g)
     for i, g in zip(fallback, g_fb, strict=True):
-        sq[i] = _norms.plain_sumsq(g.reshape(batch, -1), axis=1)
-    return sq
+        kept[i] = g
+    for i, per in kept.items():
+        norms[i] = ops.exact(per)
+    return norms, kept
 
 
 def _row(v: jax.Array, x: jax.Array, bdim: int) -> jax.Array:
@@ -136,8 +162,8 @@ def _keep(ok: jax.Array, x: jax.Array, bdim: int = 0) -> jax.Array:
     return jnp.where(_row(ok, x, bdim), x, jnp.zeros((), x.dtype))
 
 
-def _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok) -> list:
-    """Each leaf's clipped sum (float32): the sites' weighted VJPs, the fallback's weighted row sums.
+def _sums(plan, modes, leaves, records, g_zs, kept, centres, weights, ok) -> list:
+    """Each leaf's clipped sum (float32): the sites' weighted VJPs, the kept gradients' weighted sums.
 
     The masked records and the masked, weighted cotangents are made once and
     shared by the sites that read them (an LSTM gate's input kernel, hidden
@@ -145,46 +171,60 @@ def _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok) -> list:
     copy serves them all).
     """
     sums: list = [None] * len(leaves)
-    kept: dict = {}
+    shared: dict = {}
+    keep = lambda x, bdim: _keep(ok, x, bdim)
     for site in plan.sites:
+        if site.leaf in kept:
+            continue
         recs, bdims, flags = _site_records(plan, site, records)
         rids = [r[0] for r in site.records if r is not None]
         s, w = len(site.scans), weights[site.leaf]
-        if (site.point, id(w)) not in kept:
-            g = _keep(ok, g_zs[site.point], s)
-            kept[site.point, id(w)] = g.astype(F32) * _row(w, g, s)  # float32: see ops.weighted_sum
-        for rid, r, d in zip(rids, recs, bdims, strict=True):
-            if rid not in kept:
-                kept[rid] = _keep(ok, r, d)
-        recs = [kept[rid] for rid in rids]
-        sums[site.leaf] = ops.weighted_sum(
-            site, leaves[site.leaf], recs, bdims, flags, kept[site.point, id(w)]
-        )
-        sums[site.leaf] = sums[site.leaf].astype(F32)
-    for i, g in zip(fallback, g_fb, strict=True):
-        g = _keep(ok, g.astype(F32))
-        sums[i] = jnp.tensordot(weights[i], g, axes=1, precision=jax.lax.Precision.HIGHEST)
+        if (site.point, id(w)) not in shared:
+            g = keep(g_zs[site.point], s)
+            shared[site.point, id(w)] = g.astype(F32) * _row(w, g, s)  # float32: see ops.weighted_sum
+        wg = shared[site.point, id(w)]
+        if _rule(site, modes) == "dot":
+            _, g_key = ops.gram_keys(site)
+            ws = keep(centres[g_key], 0) * w[:, None, None]
+            total = ops.dot_sum(site, leaves[site.leaf], recs[0], bdims[0], flags[0], wg, ws, keep, centres)
+        else:
+            for rid, r, d in zip(rids, recs, bdims, strict=True):
+                if rid not in shared:
+                    shared[rid] = keep(r, d)
+            total = ops.weighted_sum(site, leaves[site.leaf], [shared[rid] for rid in rids], bdims, wg)
+        sums[site.leaf] = total.astype(F32)
+    for i, per in kept.items():
+        per = keep(per.astype(F32), 0)
+        sums[i] = jnp.tensordot(weights[i], per, axes=1, precision=jax.lax.Precision.HIGHEST)
     return sums
+
+
+def _weight(cert: jax.Array, bound: jax.Array, ok: jax.Array) -> jax.Array:
+    """`min(1, bound / cert)` for the real, finite examples, 0 for the rest (a certified bound too
+    large for float32 gives 0: the example cannot be clipped to the bound in float32)."""
+    factor = jnp.where(cert <= bound, 1.0, bound / jnp.where(jnp.isnan(cert), jnp.inf, cert))
+    return jnp.where(ok, factor, 0.0)
 
 
 def _clipped_sum(loss_fn, argnums, batch_argnums, has_aux, args, real, bounds, clip):
     """`(clipped sums, norms, aux)` of the examples in `args` (the whole batch or one microbatch)."""
-    batch = real.shape[0]
     leaves, treedef = jax.tree.flatten(args[argnums])
     traced, plan, modes = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
     examples = [x for i in batch_argnums for x in jax.tree.leaves(args[i])]
-    records, g_zs, g_fb, fallback, aux = _backward(traced, plan, leaves, examples, batch)
-    # The norms and the sums read the same bits: XLA could otherwise compute a bfloat16 `G` twice,
-    # rounded in one consumer and not in the other, and the sum would pass the clip norm.
-    records, g_zs, g_fb = jax.lax.optimization_barrier((records, g_zs, g_fb))
-    sq = _sq_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, batch)
-    norms, factors = clip_factors(sq, bounds, clip)
+    records, g_zs, g_fb, fallback, aux = _backward(traced, plan, leaves, examples, real.shape[0])
+    centres = _centres(plan, modes, records, g_zs)
+    # The norms and the sums read the same bits: XLA could otherwise compute a bfloat16 `G` (or a
+    # mean, a sum) twice, rounded or ordered differently in each consumer.
+    records, g_zs, g_fb, centres = jax.lax.optimization_barrier((records, g_zs, g_fb, centres))
+    parts, kept = _leaf_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, centres)
+    norms = _norms.combine_rows([n.est for n in parts])
+    cert = _norms.combine_rows([n.cert for n in parts]) * (1.0 + ops.gamma(len(parts) + 4))
     ok = real & jnp.isfinite(norms)
-    if factors is None:  # one global factor: one weights array, so sites sharing a `G` share its copy
-        weights = [jnp.where(ok, _norms.scale_factor(norms, clip), 0.0)] * len(leaves)
+    if bounds is None:  # one global factor: one weights array, so sites sharing a `G` share its copy
+        weights = [_weight(cert, clip, ok)] * len(leaves)
     else:
-        weights = [jnp.where(ok, f, 0.0) for f in factors]
-    sums = _sums(plan, leaves, records, g_zs, g_fb, fallback, weights, ok)
+        weights = [_weight(n.cert, b, ok) for n, b in zip(parts, bounds, strict=True)]
+    sums = _sums(plan, modes, leaves, records, g_zs, kept, centres, weights, ok)
     aux = jax.tree.unflatten(traced.aux_tree, aux) if has_aux else None
     return treedef.unflatten(sums), norms, aux
 

@@ -16,6 +16,7 @@ From them:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import string
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from . import _norms
 from ._ghost_plan import GHOST, MATERIALISED, Site
 
 F32 = jnp.float32
@@ -94,13 +96,105 @@ def _chain_vjp(site: Site, leaf, cotangent: jax.Array) -> jax.Array:
     return jax.vjp(lambda w: _apply_chain(site, w, True), _f32(leaf))[1](cotangent)[0]
 
 
-def _dot_spec(site: Site, bdim: int, flags: tuple) -> tuple[str, str, str]:
-    """einsum terms of a dot site: its record `A`, its `G`, its weight operand (the batch letter first).
+# --- Rounding-error bounds (docs/ghost.md, "Numerics and the guarantee") ---------------------------
 
-    `A` has the batch axis at `bdim` among the step axes it has (`flags`),
-    `G` is `[steps..., B, out...]`; a step axis `A` lacks is summed in `G`
-    first (an `A` constant over the steps).
+U = 2.0**-24  # float32's unit roundoff
+
+
+def gamma(n: int) -> float:
+    """`n u / (1 - n u)`: the relative bound of a float32 sum or inner product of `n` terms, any order."""
+    return n * U / (1.0 - n * U)
+
+
+def _margin(*ns: int) -> float:
+    """A factor covering the float32 rounding of the bounds themselves (sums of non-negative terms)."""
+    return 1.0 + 4.0 * gamma(max(ns) + 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A leaf part's per-example norms `[B]` (float32).
+
+    `est` estimates `||V_b||`, the norm of the vector the rules define for
+    example `b` (reported as the example's norm); `cert` bounds, for any
+    finite input, the norm of what the clipped sum adds for `b` divided by
+    `b`'s clip factor: the norm of `V_b` plus every float32 rounding error
+    of the norm and of the sum. The clip factor is taken from `cert`.
     """
+
+    est: jax.Array
+    cert: jax.Array
+
+
+def exact(per: jax.Array) -> Norm:
+    """The norms of per-example gradients `[B, ...]` that the sum adds as they are (`est == cert`)."""
+    n = _norms.row_norms(per)
+    return Norm(n, n)
+
+
+def _bounded(est: jax.Array, slack: jax.Array, margin: float) -> Norm:
+    """`est = ||per||` of a materialised gradient within `slack` of `V`, whose sum is within `slack` of
+    `w V` too: `||sum|| / w <= (1 + u) ||V|| + slack <= (1 + u) est + 2 slack`. (The sum of squares
+    of `per` is taken at its float32 value, as the vmap path takes its norms: its terms cannot
+    cancel; `margin` covers the rounding of `slack`.)"""
+    return Norm(est, ((1.0 + 2 * U) * est + 2.0 * margin * slack) * (1.0 + 2 * U))
+
+
+def _scaled(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(rows * 2**-k, k)`: each example's rows (axis 0 the batch) scaled by an exact power of two so
+    that the largest entry is in [0.5, 1): no square, Gram entry or product of them overflows."""
+    k = _norms.exponent(jnp.max(jnp.abs(rows), axis=tuple(range(1, rows.ndim))))
+    return rows * _rows(_norms.pow2(-k), rows), k
+
+
+def _rows(v: jax.Array, x: jax.Array) -> jax.Array:
+    return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _unscale(x: jax.Array, *ks: jax.Array) -> jax.Array:
+    """`x * 2**sum(ks)`, one exact power of two at a time (inf where the result overflows)."""
+    for k in ks:
+        x = x * _norms.pow2(k)
+    return x
+
+
+def _certify(sq: jax.Array, err: jax.Array, p: jax.Array, sum_gamma: float, margin: float) -> jax.Array:
+    """The certified bound of a ghost norm: `||V||^2 <= sq + err` (`sq` the float32 Gram sum, `err`
+    its rounding bound) and `||V|| <= P = sum_n |x_n||g_n|`; the clipped sum adds its own rounding,
+    `sum_gamma P`."""
+    cert_v = jnp.minimum(jnp.sqrt(jnp.maximum(sq + err, 0.0)) * (1.0 + 2 * U), margin * p)
+    return ((1.0 + 2 * U) * cert_v + sum_gamma * margin * p) * (1.0 + 2 * U)
+
+
+def _two_stage(*terms: jax.Array) -> list[jax.Array]:
+    """Each `[B, H, N, M]` term summed over `M`, then (after a barrier, so XLA cannot merge the two
+    reductions into one of `H N M` terms in an unknown order) over `H, N`: `[B]` each."""
+    rows = jax.lax.optimization_barrier([jnp.sum(t, axis=-1) for t in terms])
+    return [jnp.sum(r, axis=(1, 2)) for r in rows]
+
+
+# --- Dense (dot_general) sites -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DotLayout:
+    """einsum terms of a dot site (the batch letter first where there is one) and its Gram layout.
+
+    `a`: the record `A` (the batch axis at `bdim` among the step axes it
+    has); `g`: `G`, `[steps..., B, out...]` (a step axis `A` lacks is summed
+    in `G` first: an `A` constant over the steps); `w`: the weight operand;
+    `mu`: the per-example mean of `A` over its positions `[B, xb..., xc...]`;
+    `s`: the per-example sum of `G` over its positions `[B, xb..., wf...]`.
+    """
+
+    a: str
+    g: str
+    w: str
+    mu: str
+    s: str
+
+
+def dot_layout(site: Site, bdim: int, flags: tuple) -> DotLayout:
     (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
     x_pos = 1 - site.pos
     (xc, wc), (xb, wb) = ((lc, rc), (lb, rb)) if x_pos == 0 else ((rc, lc), (rb, lb))
@@ -121,40 +215,159 @@ def _dot_spec(site: Site, bdim: int, flags: tuple) -> tuple[str, str, str]:
     out = [xl[d] for d in xb] + (free[0] + free[1] if x_pos == 0 else free[1] + free[0])
     present = [s for s, f in zip(steps, flags, strict=True) if f]
     a = present[:bdim] + [batch] + present[bdim:] + xl
-    return "".join(a), "".join(steps + [batch] + out), batch + "".join(wl)
+    hb = "".join(xl[d] for d in xb)
+    return DotLayout(
+        a="".join(a),
+        g="".join(steps + [batch] + out),
+        w=batch + "".join(wl),
+        mu=batch + hb + "".join(xl[d] for d in xc),
+        s=batch + hb + "".join(free[1]),
+    )
 
 
-def per_example_grads(site: Site, leaf, recs: list, bdims: list, flags: list, g: jax.Array) -> jax.Array:
-    """`[B, *leaf.shape]`: each example's gradient of the leaf (the site's VJP; one einsum for a dot)."""
-    s = len(site.scans)
-    if site.kind == "dot_general":
-        a, gs, w = _dot_spec(site, bdims[0], flags[0])
-        per = jnp.einsum(f"{a},{gs}->{w}", recs[0], g, precision=HIGHEST, preferred_element_type=F32)
-        return jax.vmap(lambda x: _chain_vjp(site, leaf, x))(per) if site.chain else per
-    f = _stepped(site, f32=True)
-
-    def one(recs_b, g_b):
-        return jax.vjp(lambda w: f(w, *recs_b), _f32(leaf))[1](_f32(g_b))[0]
-
-    return jax.vmap(one, in_axes=(list(bdims), s), axis_size=g.shape[s])(recs, g)
+def _expand(x: jax.Array, src: str, dst: str) -> jax.Array:
+    """`x` (einsum letters `src`, a subset of `dst`) laid out to broadcast against `dst`'s array."""
+    order = [c for c in dst if c in src]
+    x = jnp.transpose(x, [src.index(c) for c in order])
+    shape, it = [], iter(x.shape)
+    for c in dst:
+        shape.append(next(it) if c in src else 1)
+    return x.reshape(shape)
 
 
-def weighted_sum(site: Site, leaf, recs: list, bdims: list, flags: list, g: jax.Array) -> jax.Array:
-    """`sum_b` of each example's gradient of the leaf at cotangents `g` (float32, weighted and masked).
+def _gram_a(site: Site, a: jax.Array, bdim: int, flags: tuple) -> jax.Array:
+    """A record as float32 `[B, H, N, C]`: weight batch, positions (incl. every step), contracting."""
+    xc, xb, xf, _ = _dot_dims(site)
+    h, n, c, _ = dot_shapes(site)
+    s = len(site.steps)
+    a = _all_steps(a, bdim, flags, site.steps).astype(F32)
+    perm = [0, *(1 + s + d for d in xb), *range(1, 1 + s), *(1 + s + d for d in xf), *(1 + s + d for d in xc)]
+    return a.transpose(perm).reshape(a.shape[0], h, n, c)
 
-    For a dot, one einsum over the batch and the positions (the weight
-    gradient of the non-private backward pass, laid out as XLA prefers),
-    then the chain's VJP; else the VJP of the batched site. All in float32:
-    rounding the weighted `g` or the sum to a narrower weight dtype could
-    move the sum by more than the clip norm per example.
+
+def _gram_g(site: Site, g: jax.Array) -> jax.Array:
+    """A site's `G` as float32 `[B, H, N, F]`."""
+    xc, xb, xf, out = _dot_dims(site)
+    h, n, _, f = dot_shapes(site)
+    s, nb = len(site.steps), len(xb)
+    batch = g.shape[s]
+    g = jnp.moveaxis(g, s, 0)
+    perm = [0, *(1 + s + d for d in out[:nb]), *range(1, 1 + s), *(1 + s + d for d in out[nb:])]
+    return g.astype(F32).transpose(perm).reshape(batch, h, n, f)
+
+
+def dot_centres(site: Site, a: jax.Array, bdim: int, flags: tuple, g: jax.Array, centres: dict) -> None:
+    """Adds to `centres` the site's per-example mean record `mu` `[B, H, C]` and `G` sum `s` `[B, H, F]`.
+
+    Any `mu` makes `V = sum_n (a_n - mu) g_n^T + mu s^T` the site's
+    per-example gradient; the mean makes the first term small when the
+    positions share a large offset (raw pixels, timestamps, an adversary's
+    `3000 + noise`), where the uncentred Gram sum cancels catastrophically
+    in float32. The norms and the sums must read these very arrays (the
+    caller passes them through the same barrier as `A` and `G`).
     """
-    s = len(site.scans)
-    if site.kind == "dot_general":
-        a, gs, w = _dot_spec(site, bdims[0], flags[0])
-        total = jnp.einsum(f"{a},{gs}->{w[1:]}", recs[0], g, precision=HIGHEST, preferred_element_type=F32)
-        return _chain_vjp(site, leaf, total) if site.chain else total
-    f = jax.vmap(_stepped(site, f32=True), in_axes=(None, *bdims), out_axes=s, axis_size=g.shape[s])
-    return jax.vjp(lambda w: f(w, *recs), _f32(leaf))[1](g)[0]
+    a_key, g_key = gram_keys(site)
+    if a_key not in centres:
+        centres[a_key] = jnp.mean(_gram_a(site, a, bdim, flags), axis=2)
+    if g_key not in centres:
+        centres[g_key] = jnp.sum(_gram_g(site, g), axis=2)
+
+
+def _centred_a(site: Site, a: jax.Array, bdim: int, flags: tuple, mu: jax.Array, lay: DotLayout):
+    """The record minus its mean, in its own layout (float32; the same bits as the Gram layout's)."""
+    xc, xb, _, _ = _dot_dims(site)
+    x = site.eqn.invars[1 - site.pos].aval.shape
+    mu = mu.reshape(mu.shape[0], *(x[d] for d in xb), *(x[d] for d in xc))
+    return a.astype(F32) - _expand(mu, lay.mu, lay.a), mu
+
+
+def _s_native(site: Site, s: jax.Array) -> jax.Array:
+    """`G`'s per-example sums `[B, H, F]` as `[B, out batch dims..., w free dims...]` (`DotLayout.s`)."""
+    _, xb, xf, out = _dot_dims(site)
+    o = site.eqn.outvars[0].aval.shape
+    dims = out[: len(xb)] + out[len(xb) + len(xf) :]
+    return s.reshape(s.shape[0], *(o[d] for d in dims))
+
+
+def _rows_and_scale(site, a, bdim, flags, g, centres, cache):
+    """Scaled Gram-layout rows of the centred record (the mean as an extra row) and of `G` (the sum
+    as the extra row), their exponents and row norms; cached per record / per `G`."""
+    a_key, g_key = gram_keys(site)
+    if ("rows", a_key) not in cache:
+        mu = centres[a_key]
+        x = _gram_a(site, a, bdim, flags) - mu[:, :, None, :]
+        xs, kx = _scaled(jnp.concatenate([x, mu[:, :, None, :]], axis=2))
+        cache["rows", a_key] = xs, kx, jnp.sqrt(jnp.sum(jnp.square(xs), axis=-1))
+    if ("rows", g_key) not in cache:
+        gm = jnp.concatenate([_gram_g(site, g), centres[g_key][:, :, None, :]], axis=2)
+        gs, kg = _scaled(gm)
+        cache["rows", g_key] = gs, kg, jnp.sqrt(jnp.sum(jnp.square(gs), axis=-1))
+    return cache["rows", a_key], cache["rows", g_key]
+
+
+def dot_norm(site: Site, mode: str, leaf, a, bdim: int, flags: tuple, g, centres: dict, cache: dict) -> Norm:
+    """A dense site's certified per-example norms, ghost (Gram matrices) or materialised.
+
+    Rows: the centred record's positions plus its mean (`x_n`, `n <= N`),
+    `G`'s positions plus its sum (`g_n`); `V = sum_n x_n g_n^T`. Ghost:
+    `S = sum_h sum_{n,m} (x_n . x_m)(g_n . g_m)` from float32 Gram matrices,
+    and its rounding error bounded by the computed
+    `gamma_C sum a_n a_m |Gg_nm| + gamma_F sum b_n b_m |Ga_nm| + gamma_r sum |Ga_nm Gg_nm|`
+    (`a_n = |x_n|`, `b_n = |g_n|`); materialised: the einsum per example,
+    within `gamma_N P` of `V` (`P = sum_n a_n b_n`). Both add the sum's own
+    rounding, `gamma_N P`. Rows are scaled per example by powers of two,
+    so no finite example overflows.
+    """
+    (xs, kx, alpha), (gs, kg, beta) = _rows_and_scale(site, a, bdim, flags, g, centres, cache)
+    h, n, c, f = dot_shapes(site)
+    rows = n + 1
+    length = rows + 4  # a sum's terms per example: positions, the mean row, weighting and the add
+    p = jnp.sum(alpha * beta, axis=(1, 2))  # >= ||V||, scaled
+    margin = _margin(c, f, h * rows)
+    if mode == MATERIALISED:
+        est = _norms.row_norms(dot_per_example(site, leaf, a, bdim, flags, g, centres))
+        return _bounded(est, _unscale(gamma(length) * p, kx, kg), margin)
+    a_key, g_key = gram_keys(site)
+    for key, x in ((a_key, xs), (g_key, gs)):
+        if ("gram", key) not in cache:
+            cache["gram", key] = jnp.einsum("bhnc,bhmc->bhnm", x, x, precision=HIGHEST)
+    ga, gg = cache["gram", a_key], cache["gram", g_key]
+    outer = lambda v: v[..., :, None] * v[..., None, :]
+    s, tg, ta, tp = _two_stage(
+        ga * gg, outer(alpha) * jnp.abs(gg), outer(beta) * jnp.abs(ga), jnp.abs(ga * gg)
+    )
+    err = gamma(c + 2) * tg + gamma(f + 2) * ta + gamma(2 * rows + h * rows + 2) * tp
+    err = margin * (err + 3 * gamma(c + 2) * gamma(f + 2) * p * p)
+    cert = _certify(s, err, p, gamma(length), margin)
+    est = jnp.sqrt(jnp.maximum(s, 0.0))
+    return Norm(_unscale(est, kx, kg), _unscale(cert, kx, kg))
+
+
+def dot_per_example(site: Site, leaf, a, bdim: int, flags: tuple, g, centres: dict) -> jax.Array:
+    """`[B, *leaf.shape]`: each example's `V` (centred record einsum plus the rank-1 mean term)."""
+    lay = dot_layout(site, bdim, flags)
+    a_key, g_key = gram_keys(site)
+    xa, mu = _centred_a(site, a, bdim, flags, centres[a_key], lay)
+    s = _s_native(site, centres[g_key])
+    per = jnp.einsum(f"{lay.a},{lay.g}->{lay.w}", xa, g.astype(F32), precision=HIGHEST)
+    per = per + jnp.einsum(f"{lay.mu},{lay.s}->{lay.w}", mu, s, precision=HIGHEST)
+    return jax.vmap(lambda x: _chain_vjp(site, leaf, x))(per) if site.chain else per
+
+
+def dot_sum(site: Site, leaf, a, bdim: int, flags: tuple, wg, ws, keep, centres: dict) -> jax.Array:
+    """The clipped sum of a dense site: `sum_b w_b V_b` as one einsum over the batch and positions
+    (the non-private weight gradient's matmul) plus the rank-1 mean terms, then the chain's VJP.
+
+    `wg` is the weighted, masked `G` (float32), `ws` the weighted, masked
+    `G` sums `[B, H, F]`; `keep(x, bdim)` zeroes the rows that are not real and finite.
+    """
+    lay = dot_layout(site, bdim, flags)
+    a_key, _ = gram_keys(site)
+    xa, mu = _centred_a(site, a, bdim, flags, centres[a_key], lay)
+    total = jnp.einsum(f"{lay.a},{lay.g}->{lay.w[1:]}", keep(xa, bdim), wg, precision=HIGHEST)
+    ws = _s_native(site, ws)
+    total = total + jnp.einsum(f"{lay.mu},{lay.s}->{lay.w[1:]}", keep(mu, 0), ws, precision=HIGHEST)
+    return _chain_vjp(site, leaf, total) if site.chain else total
 
 
 def _all_steps(a: jax.Array, bdim: int, flags: tuple, steps: tuple) -> jax.Array:
@@ -201,36 +414,7 @@ def gram_keys(site: Site) -> tuple[tuple, tuple]:
     return ("a", rid, flags, xc, xb, xf, tuple(site.steps)), ("g", site.point, out, len(xb), h, n, f)
 
 
-def dot_ghost_sq(site: Site, a: jax.Array, bdim: int, flags: tuple, g, grams: dict) -> jax.Array:
-    """`sum_h sum_{n,m} (a_hn . a_hm)(g_hn . g_hm)` per example (Li et al. 2021).
-
-    The Gram matrices are cached in `grams`: an LSTM gate's input and hidden
-    kernels share the Gram of its `G`, q/k/v projections the Gram of their
-    input.
-    """
-    xc, xb, xf, out = _dot_dims(site)
-    h, n, c, f = dot_shapes(site)
-    s = len(site.steps)
-    batch = g.shape[s]
-    a_key, g_key = gram_keys(site)
-    if a_key not in grams:
-        a = _all_steps(a, bdim, flags, site.steps).astype(F32)
-        perm = [
-            0,
-            *(1 + s + d for d in xb),
-            *range(1, 1 + s),
-            *(1 + s + d for d in xf),
-            *(1 + s + d for d in xc),
-        ]
-        x = a.transpose(perm).reshape(batch, h, n, c)
-        grams[a_key] = jnp.einsum("bhnc,bhmc->bhnm", x, x, precision=HIGHEST)
-    if g_key not in grams:
-        nb = len(xb)
-        g = jnp.moveaxis(g, s, 0)
-        perm = [0, *(1 + s + d for d in out[:nb]), *range(1, 1 + s), *(1 + s + d for d in out[nb:])]
-        gm = g.astype(F32).transpose(perm).reshape(batch, h, n, f)
-        grams[g_key] = jnp.einsum("bhnf,bhmf->bhnm", gm, gm, precision=HIGHEST)
-    return jnp.sum(grams[a_key] * grams[g_key], axis=(1, 2, 3))
+# --- Embedding (gather) sites --------------------------------------------------------------------
 
 
 def is_embedding(site: Site) -> bool:
@@ -251,19 +435,113 @@ def is_embedding(site: Site) -> bool:
     )
 
 
-def embedding_ghost_sq(site: Site, ids: jax.Array, bdim: int, flags: tuple, g: jax.Array) -> jax.Array:
-    """`sum_{n,m} [id_n == id_m] g_n . g_m` per example, with the gather's own index mode."""
+def embedding_norm(site: Site, mode: str, leaf, recs, bdims, flags, g) -> Norm:
+    """An embedding's certified per-example norms: ghost `sum_{n,m} [id_n == id_m] g_n . g_m` (with
+    the gather's own index mode) or the materialised scatter; `V` is each row's sum of its positions'
+    `g_n`, so `P = sum_n |g_n|` (valid ids) bounds it and every rounding is within `gamma P`."""
     vocab = site.eqn.invars[0].aval.shape[0]
     s = len(site.steps)
-    g, batch = jnp.moveaxis(g, s, 0), g.shape[s]
-    ids = _all_steps(ids, bdim, flags, site.steps).reshape(batch, -1)
-    g = g.astype(F32).reshape(batch, ids.shape[1], -1)
+    batch = g.shape[s]
+    ids = _all_steps(recs[0], bdims[0], flags[0], site.steps).reshape(batch, -1)
+    n = ids.shape[1]
+    gm, kg = _scaled(jnp.moveaxis(g, s, 0).astype(F32).reshape(batch, n, -1))
     if site.eqn.params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
         valid = (ids >= 0) & (ids < vocab)  # out of range: read as the fill value, no gradient
     else:
         ids, valid = jnp.clip(ids, 0, vocab - 1), jnp.ones(ids.shape, bool)
+    beta = jnp.where(valid, jnp.sqrt(jnp.sum(jnp.square(gm), axis=-1)), 0.0)
+    p = jnp.sum(beta, axis=1)
+    d = gm.shape[-1]
+    margin = _margin(d, n)
+    if mode == MATERIALISED:
+        est = _norms.row_norms(per_example_grads(site, leaf, recs, bdims, flags, g))
+        return _bounded(est, _unscale(gamma(n + 4) * p, kg), margin)
     same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    return jnp.sum(jnp.where(same, jnp.einsum("bnd,bmd->bnm", g, g, precision=HIGHEST), 0.0), axis=(1, 2))
+    gg = jnp.where(same, jnp.einsum("bnd,bmd->bnm", gm, gm, precision=HIGHEST), 0.0)
+    outer = jnp.where(same, beta[:, :, None] * beta[:, None, :], 0.0)
+    sq, tg, tp = _two_stage(gg[:, None], outer[:, None], jnp.abs(gg)[:, None])
+    err = margin * (gamma(d + 2) * tg + gamma(2 * n + 2) * tp)
+    cert = _certify(sq, err, p, gamma(n + 4), margin)
+    return Norm(_unscale(jnp.sqrt(jnp.maximum(sq, 0.0)), kg), _unscale(cert, kg))
+
+
+# --- Convolution sites ---------------------------------------------------------------------------
+
+
+def is_plain_conv(site: Site) -> bool:
+    """A convolution whose kernel is the weight operand and whose batch is not grouped."""
+    return site.kind == "conv_general_dilated" and site.pos == 1 and site.eqn.params["batch_group_count"] == 1
+
+
+def _patch_sq(site: Site) -> Callable:
+    """`f(x) -> [conv batch, out spatial...]`: the squared norm of each output position's input patch
+    (all input features, the window with its strides, padding and dilations), one example, one step."""
+    p = site.eqn.params
+    dn = p["dimension_numbers"]
+    kernel = site.eqn.invars[1].aval.shape
+    ones_shape = [1] * len(kernel)
+    for d in dn.rhs_spec[2:]:
+        ones_shape[d] = kernel[d]
+    ones = jnp.ones(ones_shape, F32)
+
+    def f(x):
+        x2 = jnp.sum(jnp.square(x.astype(F32)), axis=dn.lhs_spec[1], keepdims=True)
+        out = jax.lax.conv_general_dilated(
+            x2,
+            ones,
+            window_strides=p["window_strides"],
+            padding=p["padding"],
+            lhs_dilation=p["lhs_dilation"],
+            rhs_dilation=p["rhs_dilation"],
+            dimension_numbers=dn,
+            precision=HIGHEST,
+        )
+        return jnp.squeeze(out, axis=dn.out_spec[1])
+
+    return f
+
+
+def conv_norm(site: Site, leaf, recs, bdims, flags, g) -> Norm:
+    """A convolution's materialised per-example norms, certified: the kernel gradient is a sum over
+    output positions of (input patch) x (output cotangent), so `P = sum_pos |patch||g_pos|` bounds it
+    and the rounding of the per-example gradient and of the sum (`gamma_pos P` each)."""
+    s = len(site.steps)
+    batch = g.shape[s]
+    dn = site.eqn.params["dimension_numbers"]
+    x, kx = _scaled(_all_steps(recs[0], bdims[0], flags[0], site.steps).astype(F32))
+    gm, kg = _scaled(jnp.moveaxis(g, s, 0).astype(F32))
+    f = _patch_sq(site)
+    for _ in range(s):
+        f = jax.vmap(f)
+    patch = jax.vmap(f)(x)  # [B, steps..., conv batch, out spatial...]
+    g_sq = jnp.sum(jnp.square(gm), axis=1 + s + dn.out_spec[1])  # [B, steps..., conv batch, spatial...]
+    p = jnp.sum(jnp.sqrt(patch * g_sq).reshape(batch, -1), axis=1)
+    positions = math.prod(g_sq.shape[1:])
+    margin = _margin(positions, site.eqn.invars[1].aval.size)
+    est = _norms.row_norms(per_example_grads(site, leaf, recs, bdims, flags, g))
+    return _bounded(est, _unscale(gamma(positions + 4) * p, kx, kg), margin)
+
+
+# --- Every site: the VJP rules -------------------------------------------------------------------
+
+
+def per_example_grads(site: Site, leaf, recs: list, bdims: list, flags: list, g: jax.Array) -> jax.Array:
+    """`[B, *leaf.shape]`: each example's gradient of the leaf (the VJP of the site and its chain)."""
+    s = len(site.scans)
+    f = _stepped(site, f32=True)
+
+    def one(recs_b, g_b):
+        return jax.vjp(lambda w: f(w, *recs_b), _f32(leaf))[1](_f32(g_b))[0]
+
+    return jax.vmap(one, in_axes=(list(bdims), s), axis_size=g.shape[s])(recs, g)
+
+
+def weighted_sum(site: Site, leaf, recs: list, bdims: list, g: jax.Array) -> jax.Array:
+    """`sum_b` of each example's gradient of the leaf at the weighted, masked cotangents `g` (float32):
+    the VJP of the batched site (one scatter-add for an embedding, one conv for a kernel)."""
+    s = len(site.scans)
+    f = jax.vmap(_stepped(site, f32=True), in_axes=(None, *bdims), out_axes=s, axis_size=g.shape[s])
+    return jax.vjp(lambda w: f(w, *recs), _f32(leaf))[1](g)[0]
 
 
 def choose_mode(site: Site) -> str:

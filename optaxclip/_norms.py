@@ -188,3 +188,33 @@ def scale_factor(norm: jax.Array, bound: jax.Array) -> jax.Array:
 def scale(x: jax.Array, factor: jax.Array) -> jax.Array:
     """`x * factor` computed in float32, returned in `x`'s dtype (fuses elementwise)."""
     return (x.astype(F32) * factor).astype(x.dtype)
+
+
+def pow2(k: jax.Array) -> jax.Array:
+    """`2.0**k` in float32, exactly, for integer `k` in [-126, 127] (built from its bits: no rounding)."""
+    k = jnp.clip(jnp.asarray(k, jnp.int32), -126, 127)
+    return jax.lax.bitcast_convert_type((k + 127) << 23, F32)
+
+
+def exponent(m: jax.Array) -> jax.Array:
+    """The int32 `e` with `m * 2**-e` in [0.5, 1) for finite `m > 0` (0 for 0, inf and NaN), clipped to
+    [-125, 125] so that `pow2(-e)` is a normal number: the exact power-of-two scale of a row set."""
+    _, e = jnp.frexp(m.astype(F32))
+    return jnp.clip(e, -125, 125)
+
+
+def row_norms(x: jax.Array) -> jax.Array:
+    """Norm of each row (axis 0) of `x` over its other axes, overflow-safe, float32 `[rows]`."""
+    plain, scaled = sumsq_pair(x, tuple(range(1, x.ndim)))
+    return root(plain, scaled).reshape(x.shape[0])
+
+
+def combine_rows(norms: Sequence[jax.Array]) -> jax.Array:
+    """`sqrt(sum_i norms[i]**2)` elementwise over same-shaped arrays (per-example norms of each leaf),
+    overflow-safe: a 1e30 leaf norm gives 1e30, not inf."""
+    if not norms:
+        return jnp.zeros((0,), F32)
+    down = _down()
+    plain = sum((jnp.square(n) for n in norms), jnp.zeros_like(norms[0], F32))
+    scaled = sum((jnp.square(n * down) for n in norms), jnp.zeros_like(norms[0], F32))
+    return root(plain, scaled)

@@ -420,17 +420,19 @@ class DTypeRuleTest(parameterized.TestCase):
     def test_one_extreme_example_moves_the_release_by_at_most_the_clip_norm(self, dtype):
         with dtype_scope(dtype):
             a, _ = dp_release_of_clipped_sum(optaxclip.ghost_clipped_grad_sum, dtype)
-            # 1e18: the fast path's per-example squared norms are float32 (documented: an
-            # example whose norm exceeds ~1.8e19 is dropped as non-finite, checked below).
-            huge = min(extreme_value(dtype), 1e18)
-            b, state = dp_release_of_clipped_sum(optaxclip.ghost_clipped_grad_sum, dtype, extreme=huge)
-            c, dropped = dp_release_of_clipped_sum(optaxclip.ghost_clipped_grad_sum, dtype, extreme=1e30)
+            # The largest value of the dtype float32 holds (1e30, float16's 65504): its squares
+            # overflow float32, but the rows are scaled by powers of two (issue 26), so the example is
+            # clipped, not dropped as non-finite; an inf example (float16's 1e30) is dropped.
+            b, state = dp_release_of_clipped_sum(
+                optaxclip.ghost_clipped_grad_sum, dtype, extreme_value(dtype)
+            )
+            c, dropped = dp_release_of_clipped_sum(optaxclip.ghost_clipped_grad_sum, dtype, extreme=jnp.inf)
             assert b["v"].dtype == jnp.dtype(dtype)
             gap, gap_dropped = release_gap(a, b), release_gap(a, c)
         tol = 1e-2 if dtype in ("bfloat16", "float16") else 1e-5
         assert 1 - tol <= gap <= 1 + tol, gap  # clipped to the clip norm, not dropped
-        assert bool(state.stats.clipped)
-        # A 1e30 example (inf in float16) is dropped and counted: it moves nothing.
+        assert bool(state.stats.clipped) and int(state.stats.nonfinite_count) == 0
+        # A non-finite example is dropped and counted: it moves nothing.
         assert gap_dropped == 0.0 and int(dropped.nonfinite_example_count) == 1
 
     @parameterized.parameters(*DP_REFUSED_DTYPES)
