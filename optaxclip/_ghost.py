@@ -105,22 +105,22 @@ def _site_records(plan, site, records: dict) -> tuple[list, list, list]:
 
 
 def _rule(site, modes) -> str:
-    """How a site's leaf is measured and summed: `dot`, `embedding` or `conv` (certified norms, the
-    sum by the batched VJP), else `kept` (its per-example gradients, summed as measured)."""
-    if not site.isometric:
+    """How a site's leaf is measured and summed: `dot` and `embedding` (ghost: certified norms from
+    Gram matrices, the sum by the batched VJP), else `kept`: its per-example gradients, summed as
+    measured (the vmap path's guarantee: the release reads the very vectors whose norms it clipped,
+    so no recomputation by XLA can make the two differ)."""
+    if not site.isometric or modes[site.leaf] != GHOST:
         return "kept"
     if site.kind == "dot_general":
         return "dot"
-    if modes[site.leaf] == GHOST or ops.is_embedding(site):
-        return "embedding"
-    return "conv" if ops.is_plain_conv(site) else "kept"
+    return "embedding" if ops.is_embedding(site) else "kept"
 
 
 def _centres(plan, modes, records, g_zs) -> dict:
     """The dense sites' per-example record means and `G` sums (read by the norms and the sums)."""
     centres: dict = {}
     for site in plan.sites:
-        if _rule(site, modes) == "dot":
+        if site.kind == "dot_general" and site.isometric:
             recs, bdims, flags = _site_records(plan, site, records)
             ops.dot_centres(site, recs[0], bdims[0], flags[0], g_zs[site.point], centres)
     return centres
@@ -134,13 +134,13 @@ def _leaf_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, centres) -> 
     cache: dict = {}
     for site in plan.sites:
         recs, bdims, flags = _site_records(plan, site, records)
-        g, mode, leaf, rule = g_zs[site.point], modes[site.leaf], leaves[site.leaf], _rule(site, modes)
+        g, leaf, rule = g_zs[site.point], leaves[site.leaf], _rule(site, modes)
         if rule == "dot":
-            norms[site.leaf] = ops.dot_norm(site, mode, leaf, recs[0], bdims[0], flags[0], g, centres, cache)
+            norms[site.leaf] = ops.dot_norm(site, leaf, recs[0], bdims[0], flags[0], g, centres, cache)
         elif rule == "embedding":
-            norms[site.leaf] = ops.embedding_norm(site, mode, leaf, recs, bdims, flags, g)
-        elif rule == "conv":
-            norms[site.leaf] = ops.conv_norm(site, leaf, recs, bdims, flags, g)
+            norms[site.leaf] = ops.embedding_norm(site, recs, bdims, flags, g)
+        elif site.kind == "dot_general" and site.isometric:  # materialised: centred, then kept
+            kept[site.leaf] = ops.dot_per_example(site, leaf, recs[0], bdims[0], flags[0], g, centres)
         else:
             kept[site.leaf] = ops.per_example_grads(site, leaf, recs, bdims, flags, g)
     for i, g in zip(fallback, g_fb, strict=True):
@@ -256,8 +256,9 @@ def ghost_clipped_grad_sum(
     holds less (ghost while `2 N^2 < d_in d_out`, `N` positions incl.
     scan steps; also where the Gram matrices it needs are made for other
     sites anyway and cost fewer flops, as an LSTM's input kernels beside
-    its hidden ones); the clipped sum is the op's VJP at the
-    factor-weighted `G` (one matmul for a dense layer). A leaf used twice (a tied
+    its hidden ones). A ghost site's clipped sum is the op's VJP at the
+    factor-weighted `G` (one matmul for a dense layer); a materialised
+    site's per-example gradients are summed as measured. A leaf used twice (a tied
     embedding, a layer applied twice), used inside a `custom_jvp`, `cond`
     or `while`, or through an op not listed takes exact per-example
     gradients (`jax.vmap` of the VJP, restricted to those leaves), in the
@@ -306,10 +307,17 @@ def ghost_clipped_grad_sum(
       Padded rows (`mask`) add exactly zero; an example with a NaN/inf
       anywhere in its loss or gradient adds exactly zero (its `A` and `G`
       rows are zeroed by a select, no data-dependent branch) and keeps a
-      non-finite entry in `norms`, which `dp_aggregate` counts. Per-example
-      squared norms are float32: an example whose gradient norm exceeds
-      about 1.8e19 is counted as non-finite and dropped (the add/remove
-      sensitivity stays the clip norm). Inside `shard_map` with replicated
+      non-finite entry in `norms`, which `dp_aggregate` counts. Each
+      example's contribution to the sum has norm <= `l2_norm_clip`
+      (1 + 1e-5) for any finite input, as on the vmap path: the records
+      are centred on their per-example mean (large common offsets cannot
+      cancel), scaled per example by powers of two (no square overflows),
+      and the clip factor comes from a certified upper bound of the norm
+      with every float32 rounding error of the norm and of the sum
+      (docs/ghost.md, "Numerics and the guarantee"); on badly conditioned
+      inputs that bound may clip slightly more than the exact factor. An
+      example whose norm overflows float32 (> 3.4e38) counts as
+      non-finite and is dropped. Inside `shard_map` with replicated
       params, as `per_example_grads`. Integer and bool parameter leaves are
       refused (a `ValueError` naming their paths and dtypes), as in
       `clipped_grad_sum`. The result equals `clipped_grad_sum`'s to float32

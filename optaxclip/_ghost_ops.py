@@ -132,14 +132,6 @@ def exact(per: jax.Array) -> Norm:
     return Norm(n, n)
 
 
-def _bounded(est: jax.Array, slack: jax.Array, margin: float) -> Norm:
-    """`est = ||per||` of a materialised gradient within `slack` of `V`, whose sum is within `slack` of
-    `w V` too: `||sum|| / w <= (1 + u) ||V|| + slack <= (1 + u) est + 2 slack`. (The sum of squares
-    of `per` is taken at its float32 value, as the vmap path takes its norms: its terms cannot
-    cancel; `margin` covers the rounding of `slack`.)"""
-    return Norm(est, ((1.0 + 2 * U) * est + 2.0 * margin * slack) * (1.0 + 2 * U))
-
-
 def _scaled(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(rows * 2**-k, k)`: each example's rows (axis 0 the batch) scaled by an exact power of two so
     that the largest entry is in [0.5, 1): no square, Gram entry or product of them overflows."""
@@ -305,7 +297,7 @@ def _rows_and_scale(site, a, bdim, flags, g, centres, cache):
     return cache["rows", a_key], cache["rows", g_key]
 
 
-def dot_norm(site: Site, mode: str, leaf, a, bdim: int, flags: tuple, g, centres: dict, cache: dict) -> Norm:
+def dot_norm(site: Site, leaf, a, bdim: int, flags: tuple, g, centres: dict, cache: dict) -> Norm:
     """A dense site's certified per-example norms, ghost (Gram matrices) or materialised.
 
     Rows: the centred record's positions plus its mean (`x_n`, `n <= N`),
@@ -324,9 +316,6 @@ def dot_norm(site: Site, mode: str, leaf, a, bdim: int, flags: tuple, g, centres
     length = rows + 4  # a sum's terms per example: positions, the mean row, weighting and the add
     p = jnp.sum(alpha * beta, axis=(1, 2))  # >= ||V||, scaled
     margin = _margin(c, f, h * rows)
-    if mode == MATERIALISED:
-        est = _norms.row_norms(dot_per_example(site, leaf, a, bdim, flags, g, centres))
-        return _bounded(est, _unscale(gamma(length) * p, kx, kg), margin)
     a_key, g_key = gram_keys(site)
     for key, x in ((a_key, xs), (g_key, gs)):
         if ("gram", key) not in cache:
@@ -435,7 +424,7 @@ def is_embedding(site: Site) -> bool:
     )
 
 
-def embedding_norm(site: Site, mode: str, leaf, recs, bdims, flags, g) -> Norm:
+def embedding_norm(site: Site, recs, bdims, flags, g) -> Norm:
     """An embedding's certified per-example norms: ghost `sum_{n,m} [id_n == id_m] g_n . g_m` (with
     the gather's own index mode) or the materialised scatter; `V` is each row's sum of its positions'
     `g_n`, so `P = sum_n |g_n|` (valid ids) bounds it and every rounding is within `gamma P`."""
@@ -453,9 +442,6 @@ def embedding_norm(site: Site, mode: str, leaf, recs, bdims, flags, g) -> Norm:
     p = jnp.sum(beta, axis=1)
     d = gm.shape[-1]
     margin = _margin(d, n)
-    if mode == MATERIALISED:
-        est = _norms.row_norms(per_example_grads(site, leaf, recs, bdims, flags, g))
-        return _bounded(est, _unscale(gamma(n + 4) * p, kg), margin)
     same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     gg = jnp.where(same, jnp.einsum("bnd,bmd->bnm", gm, gm, precision=HIGHEST), 0.0)
     outer = jnp.where(same, beta[:, :, None] * beta[:, None, :], 0.0)
@@ -463,63 +449,6 @@ def embedding_norm(site: Site, mode: str, leaf, recs, bdims, flags, g) -> Norm:
     err = margin * (gamma(d + 2) * tg + gamma(2 * n + 2) * tp)
     cert = _certify(sq, err, p, gamma(n + 4), margin)
     return Norm(_unscale(jnp.sqrt(jnp.maximum(sq, 0.0)), kg), _unscale(cert, kg))
-
-
-# --- Convolution sites ---------------------------------------------------------------------------
-
-
-def is_plain_conv(site: Site) -> bool:
-    """A convolution whose kernel is the weight operand and whose batch is not grouped."""
-    return site.kind == "conv_general_dilated" and site.pos == 1 and site.eqn.params["batch_group_count"] == 1
-
-
-def _patch_sq(site: Site) -> Callable:
-    """`f(x) -> [conv batch, out spatial...]`: the squared norm of each output position's input patch
-    (all input features, the window with its strides, padding and dilations), one example, one step."""
-    p = site.eqn.params
-    dn = p["dimension_numbers"]
-    kernel = site.eqn.invars[1].aval.shape
-    ones_shape = [1] * len(kernel)
-    for d in dn.rhs_spec[2:]:
-        ones_shape[d] = kernel[d]
-    ones = jnp.ones(ones_shape, F32)
-
-    def f(x):
-        x2 = jnp.sum(jnp.square(x.astype(F32)), axis=dn.lhs_spec[1], keepdims=True)
-        out = jax.lax.conv_general_dilated(
-            x2,
-            ones,
-            window_strides=p["window_strides"],
-            padding=p["padding"],
-            lhs_dilation=p["lhs_dilation"],
-            rhs_dilation=p["rhs_dilation"],
-            dimension_numbers=dn,
-            precision=HIGHEST,
-        )
-        return jnp.squeeze(out, axis=dn.out_spec[1])
-
-    return f
-
-
-def conv_norm(site: Site, leaf, recs, bdims, flags, g) -> Norm:
-    """A convolution's materialised per-example norms, certified: the kernel gradient is a sum over
-    output positions of (input patch) x (output cotangent), so `P = sum_pos |patch||g_pos|` bounds it
-    and the rounding of the per-example gradient and of the sum (`gamma_pos P` each)."""
-    s = len(site.steps)
-    batch = g.shape[s]
-    dn = site.eqn.params["dimension_numbers"]
-    x, kx = _scaled(_all_steps(recs[0], bdims[0], flags[0], site.steps).astype(F32))
-    gm, kg = _scaled(jnp.moveaxis(g, s, 0).astype(F32))
-    f = _patch_sq(site)
-    for _ in range(s):
-        f = jax.vmap(f)
-    patch = jax.vmap(f)(x)  # [B, steps..., conv batch, out spatial...]
-    g_sq = jnp.sum(jnp.square(gm), axis=1 + s + dn.out_spec[1])  # [B, steps..., conv batch, spatial...]
-    p = jnp.sum(jnp.sqrt(patch * g_sq).reshape(batch, -1), axis=1)
-    positions = math.prod(g_sq.shape[1:])
-    margin = _margin(positions, site.eqn.invars[1].aval.size)
-    est = _norms.row_norms(per_example_grads(site, leaf, recs, bdims, flags, g))
-    return _bounded(est, _unscale(gamma(positions + 4) * p, kx, kg), margin)
 
 
 # --- Every site: the VJP rules -------------------------------------------------------------------
