@@ -8,8 +8,9 @@ NORMALIZE_WHITESPACE): write `...` where a figure is not deterministic.
 
 A block that sets `XLA_FLAGS` (for example 8 virtual CPU devices for the
 sharding guide) runs in a fresh Python process, as it would when pasted into
-one; the others run in this process, with JAX's rank promotion allowed as a
-user has it (conftest.py makes it raise for the library's own tests).
+one; the others run in this process, with JAX's rank promotion allowed and
+warnings shown rather than raised, as a user has them (conftest.py and
+pytest's filterwarnings make both strict for the library's own tests).
 
 Also checked: the API reference documents every public name, and the README
 stays a README (short, with the two make commands and the recommended default).
@@ -25,6 +26,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import pytest
@@ -99,7 +101,10 @@ def run_in_process(block: Block) -> str:
     code = compile(block.source, block.id, "exec")
     namespace = {"__name__": "__main__"}
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), jax.numpy_rank_promotion("allow"):
+    # As a user runs it: rank promotion allowed and warnings shown, not raised (conftest and
+    # pytest's filterwarnings make both strict for the library's own tests).
+    with contextlib.redirect_stdout(out), jax.numpy_rank_promotion("allow"), warnings.catch_warnings():
+        warnings.simplefilter("default")
         exec(code, namespace)
     return out.getvalue()
 
