@@ -70,7 +70,7 @@ CONFIGS = {
     "global_norm": lambda: optaxclip.clip_by_global_norm(1.0),
     "value": lambda: optaxclip.clip_by_value(0.01),
     # Every layer, the classifier head included: with the NFNets mask that leaves
-    # the head unclipped, this task's spikes come through the head (see README).
+    # the head unclipped, this task's spikes come through the head (see docs/demo.md).
     "agc": lambda: optaxclip.adaptive_grad_clip(0.01),
     "adaptive": lambda: optaxclip.adaptive_clip(),
     "zscore": lambda: optaxclip.zscore_clip(),

@@ -162,6 +162,7 @@ def diagnose(
         residual connections, normalization);
       - with `losses`: non-finite losses, and a loss that ended far above
         its best (divergence), judged on window means, not on the noisy per-step minimum.
+
     If nothing is wrong, one `"ok"` finding gives the suggested threshold.
 
     Args:

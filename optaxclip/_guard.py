@@ -90,8 +90,8 @@ def guard_clip(
     leave it near where healthy training had it: the clip keeps binding
     there, as a well-chosen fixed threshold would, where thresholds learned
     from the norm history (`adaptive_clip`) rise with the norms or, with no
-    history yet, let the first steps through (see README, "Which clip
-    should I use?", for the measured outcomes).
+    history yet, let the first steps through (see the guide "Choosing a
+    clip", docs/guides/choosing.md, for the measured outcomes).
 
     Args:
       multiplier: The threshold is `multiplier` times the guarded level;
