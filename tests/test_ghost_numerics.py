@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 
+import ghost_models as gm  # noqa: E402
 import hypothesis
 import jax
 import jax.numpy as jnp
@@ -168,3 +169,20 @@ def test_property_every_example_within_the_bound(kind, width, positions, offset,
         out = run(params, x, jnp.arange(3) == b, clip)
         n = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in jax.tree.leaves(out.grads)))
         assert n <= clip * BOUND, (b, n / clip, norms)
+
+
+# --- No over-clipping where nothing is wrong: the zoo's norms are float64's ----------------------
+
+
+# Linen's LSTM carry is created in float32 whatever the inputs: it does not run in float64.
+@pytest.mark.parametrize("name", sorted(set(gm.MODELS) - {"linen_lstm"}))
+def test_zoo_norms_match_float64(name):
+    model = gm.MODELS[name]()
+    f = optaxclip.ghost_clipped_grad_sum(model.loss_fn, batch_argnums=(1, 2))
+    norms = jax.jit(lambda p, x, y: f(p, x, y, l2_norm_clip=1.0).norms)(model.params, *model.batch)
+    with jax.enable_x64(True):
+        up = lambda a: jnp.asarray(np.asarray(a, np.float64)) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        p, batch = jax.tree.map(up, model.params), jax.tree.map(up, model.batch)
+        g = jax.vmap(jax.grad(model.loss_fn), in_axes=(None, 0, 0))(p, *batch)
+        ref = np.sqrt(sum(np.sum(np.reshape(v, (v.shape[0], -1)) ** 2, axis=1) for v in jax.tree.leaves(g)))
+    np.testing.assert_allclose(np.asarray(norms, np.float64), ref, rtol=1e-4)
