@@ -159,8 +159,9 @@ def _certify(sq: jax.Array, err: jax.Array, p: jax.Array, sum_gamma: float, marg
 
 
 def _two_stage(*terms: jax.Array) -> list[jax.Array]:
-    """Each `[B, H, N, M]` term summed over `M`, then (after a barrier, so XLA cannot merge the two
-    reductions into one of `H N M` terms in an unknown order) over `H, N`: `[B]` each."""
+    """Each `[B, H, N, M]` term summed over `M`, then over `H, N`: `[B]` each. (The bounds count all
+    `H N M` terms, as if in one sum of any order: XLA:CPU expands the barrier before fusion, and may
+    merge the two reductions; where it does not, the two stages round less.)"""
     rows = jax.lax.optimization_barrier([jnp.sum(t, axis=-1) for t in terms])
     return [jnp.sum(r, axis=(1, 2)) for r in rows]
 
@@ -315,17 +316,22 @@ def dot_norm(site: Site, leaf, a, bdim: int, flags: tuple, g, centres: dict, cac
     rows = n + 1
     length = rows + 4  # a sum's terms per example: positions, the mean row, weighting and the add
     p = jnp.sum(alpha * beta, axis=(1, 2))  # >= ||V||, scaled
-    margin = _margin(c, f, h * rows)
+    margin = _margin(c, f, h * rows * rows)
     a_key, g_key = gram_keys(site)
     for key, x in ((a_key, xs), (g_key, gs)):
         if ("gram", key) not in cache:
             cache["gram", key] = jnp.einsum("bhnc,bhmc->bhnm", x, x, precision=HIGHEST)
     ga, gg = cache["gram", a_key], cache["gram", g_key]
     outer = lambda v: v[..., :, None] * v[..., None, :]
-    s, tg, ta, tp = _two_stage(
-        ga * gg, outer(alpha) * jnp.abs(gg), outer(beta) * jnp.abs(ga), jnp.abs(ga * gg)
+    # The three error sums as one (non-negative terms, so one sum of their weighted total bounds
+    # theirs): one more pass over the Gram matrices, not three.
+    prod = ga * gg
+    err_terms = (
+        gamma(c + 2) * outer(alpha) * jnp.abs(gg)
+        + gamma(f + 2) * outer(beta) * jnp.abs(ga)
+        + gamma(h * rows * rows + 2) * jnp.abs(prod)  # any order: XLA may merge the two stages
     )
-    err = gamma(c + 2) * tg + gamma(f + 2) * ta + gamma(2 * rows + h * rows + 2) * tp
+    s, err = _two_stage(prod, err_terms)
     err = margin * (err + 3 * gamma(c + 2) * gamma(f + 2) * p * p)
     cert = _certify(s, err, p, gamma(length), margin)
     est = jnp.sqrt(jnp.maximum(s, 0.0))
@@ -441,12 +447,12 @@ def embedding_norm(site: Site, recs, bdims, flags, g) -> Norm:
     beta = jnp.where(valid, jnp.sqrt(jnp.sum(jnp.square(gm), axis=-1)), 0.0)
     p = jnp.sum(beta, axis=1)
     d = gm.shape[-1]
-    margin = _margin(d, n)
+    margin = _margin(d, n * n)
     same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     gg = jnp.where(same, jnp.einsum("bnd,bmd->bnm", gm, gm, precision=HIGHEST), 0.0)
     outer = jnp.where(same, beta[:, :, None] * beta[:, None, :], 0.0)
-    sq, tg, tp = _two_stage(gg[:, None], outer[:, None], jnp.abs(gg)[:, None])
-    err = margin * (gamma(d + 2) * tg + gamma(2 * n + 2) * tp)
+    sq, err = _two_stage(gg[:, None], (gamma(d + 2) * outer + gamma(n * n + 2) * jnp.abs(gg))[:, None])
+    err = margin * err
     cert = _certify(sq, err, p, gamma(n + 4), margin)
     return Norm(_unscale(jnp.sqrt(jnp.maximum(sq, 0.0)), kg), _unscale(cert, kg))
 
