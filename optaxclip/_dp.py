@@ -30,7 +30,12 @@ class DPAggregateState(NamedTuple):
         `clipped` whether any example was clipped, `nonfinite_count` steps
         with a non-finite example. Per-example quantities are NOT
         differentially private: `metrics()` names them `nonprivate/...`.
-      rng_key: The PRNG key the next step's noise is drawn from.
+      rng_key: uint32, the data (`jax.random.key_data`) of the PRNG key the
+        next step's noise is drawn from. The transform rewraps it with the
+        impl of the key it was given (typed threefry or rbg, or a legacy
+        key), so the stream is that key's, and the state holds plain arrays
+        only: it survives flax msgpack (`to_bytes`/`from_bytes`),
+        `to_state_dict`, orbax and pickle.
       nonfinite_example_count: int32 `[]`, examples dropped for a non-finite
         gradient so far (not private).
     """
@@ -182,8 +187,10 @@ def dp_aggregate(
     memory-bounded path, already clipped). Each example's global norm is
     clipped to `l2_norm_clip`; the clipped gradients are summed in float32;
     Gaussian noise of std `noise_multiplier * l2_norm_clip`, drawn in
-    float32 from a fresh key each step (one stream of independent draws,
-    cut into the leaves), is added; the result is
+    float32 from a fresh key each step (leaf `i` of the flattened tree from
+    `fold_in(key, i)`, so under `jit` with sharded params each device draws
+    its own shard's noise, the same values as on one device), is added;
+    the result is
     divided by `expected_batch_size` (Poisson sampling) or else by the
     number of real examples. An optional `mask=` argument to `update` (bool
     `[B]`) marks real rows: padded rows contribute exactly zero. An example
@@ -196,7 +203,8 @@ def dp_aggregate(
         norm would make the noise infinite). Schedulable.
       noise_multiplier: Noise std in units of `l2_norm_clip`; >= 0.
         Schedulable.
-      key: A PRNG key (typed or legacy).
+      key: A PRNG key (typed, of any impl, or legacy); the state keeps its
+        data and the transform its impl.
       expected_batch_size: Divide by this instead of the number of real
         examples (use with Poisson sampling); >= 1.
       axis_name: Inside `shard_map` over a data axis: each device clips its
@@ -223,6 +231,11 @@ def dp_aggregate(
       leaves (`jax.grad(..., allow_int=True)` for integer params) hold no
       data and are released as `float0`. Norms are float32: a float64
       example beyond float32's range counts as non-finite and adds zero.
+      Per-shard noise needs `jax_threefry_partitionable` (JAX's default);
+      with it off the noise is another stream (again the same sharded or
+      not) and XLA may move it between devices. On XLA:CPU each leaf's draw holds its counters and
+      bits (about three leaf-sized buffers, all leaves at once); on GPU and
+      TPU the draw fuses.
 
     Example:
       >>> import jax, jax.numpy as jnp, optaxclip
@@ -267,7 +280,7 @@ class DPAdaptiveAggregateState(NamedTuple):
 
     Attributes:
       stats: As in `DPAggregateState`; `threshold` is the clip norm used.
-      rng_key: The PRNG key the next step's noise is drawn from.
+      rng_key: uint32 key data, as in `DPAggregateState`.
       nonfinite_example_count: int32 `[]` (not private).
       l2_norm_clip: float32 `[]`, the clip norm the next step uses (private:
         it is computed from noised counts only).

@@ -170,9 +170,7 @@ def test_temp_beyond_adam(compiled_case, baselines):
     grad_bytes = sum(4 * x.size for x in jax.tree.leaves(grads))  # float32 bytes of the input it reads
     param_bytes = sum(4 * x.size for x in jax.tree.leaves(DP_PARAMS if dp else PARAMS))
     base = baselines[dp][2]
-    allowed = (grad_bytes if name in MASKED_COPY else 0) + (
-        DP_BUFFERS * param_bytes if dp else 0
-    )
+    allowed = (grad_bytes if name in MASKED_COPY else 0) + (DP_BUFFERS * param_bytes if dp else 0)
     extra = temp - base - allowed
     assert extra <= TEMP_FRACTION * grad_bytes, (
         f"{name}: XLA temp {temp} B is {extra} B beyond adam's {base} B and the {allowed} B allowed, "
