@@ -92,16 +92,24 @@ def _split_key(data: jax.Array, impl, num: int) -> tuple[jax.Array, list[jax.Arr
     return next_data, [keys[i] for i in range(1, num)]
 
 
-def _leaf_noise(key: jax.Array, index: int, shape: tuple) -> jax.Array:
-    """Standard normal float32 noise of leaf `index` (its position in the flattened tree).
+def _leaf_noise(key: jax.Array, index: int, like: jax.Array) -> jax.Array:
+    """Standard normal float32 noise for leaf `index` (its position in the flattened tree).
 
     One draw per leaf from `fold_in(key, index)`: with JAX's partitionable
     threefry (`jax_threefry_partitionable`, the default) each element's bits
     depend only on the key and its index, so under `jit` with sharded params
     every device draws the noise of its own shard (no collective) and the
-    values are the same however the leaf is sharded.
+    values are the same however the leaf is sharded. On a mesh with
+    `Explicit` axes the draw takes the sum's sharding (else JAX draws it
+    replicated, a full copy per device, and slices it).
     """
-    return jax.random.normal(jax.random.fold_in(key, index), shape, F32)
+    sharding = jax.typeof(like).sharding
+    mesh = getattr(sharding, "mesh", None)
+    explicit = mesh is not None and not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+    key = jax.random.fold_in(key, index)
+    if explicit:
+        return jax.random.normal(key, like.shape, F32, out_sharding=sharding)
+    return jax.random.normal(key, like.shape, F32)
 
 
 def _is_float0(x) -> bool:
@@ -159,7 +167,7 @@ def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, ax
         # Noise drawn and added in float32 whatever the leaf dtype (a bfloat16 draw would be coarse).
         dtype = jnp.result_type(like[i])
         dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else F32
-        out[i] = ((s.astype(F32) + std * _leaf_noise(noise_key, i, s.shape)) / denom).astype(dtype)
+        out[i] = ((s.astype(F32) + std * _leaf_noise(noise_key, i, s)) / denom).astype(dtype)
     released = treedef.unflatten(out)
     stats = _stats.record(
         stats,

@@ -189,6 +189,27 @@ for agg_name, make in (("dp_aggregate", dp), ("dp_adaptive_aggregate", dp_adapti
     assert float(jnp.std(one["l1"]["kernel"])) > 0.01  # the noise is there
     print(f"{agg_name}: same key, same release sharded and on one device (bit-identical noise)")
 
+# The same on a mesh with Explicit axes (jax.make_mesh's default): the draw takes the sum's sharding.
+explicit = jax.make_mesh((8,), ("data",), (AxisType.Explicit,))
+with jax.set_mesh(explicit):
+    for agg_name, make in (("dp_aggregate", dp), ("dp_adaptive_aggregate", dp_adaptive)):
+        agg = make()
+        one, _ = jax.jit(agg.update)(zero_sum, agg.init(host_params), host_params)
+        grads = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(explicit, fsdp(x))), zero_sum.grads)
+        ps = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(explicit, fsdp(x))), host_params)
+        update = jax.jit(agg.update)
+        eight, _ = update(zero_sum._replace(grads=grads), agg.init(ps), ps)
+        text = update.lower(zero_sum._replace(grads=grads), agg.init(ps), ps).compile().as_text()
+        for full in (f"f32[{D_IN},{D_H}]", f"f32[{D_H},{D_OUT}]"):
+            assert full not in text, (agg_name, "explicit", full)
+        assert "collective-permute" not in text and "all-gather" not in text, agg_name
+        assert str(jax.typeof(eight["l1"]["kernel"])) == f"float32[{D_IN}@data,{D_H}]", jax.typeof(
+            eight["l1"]["kernel"]
+        )
+        for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        print(f"{agg_name}: explicit mesh, noise drawn per shard, same release as one device")
+
 for summer in ("clipped_grad_sum", "ghost_clipped_grad_sum"):
     tx, step = CASES[f"{summer}/dp_aggregate"]
     p8, s8 = params, results[f"{summer}/dp_aggregate"][1]

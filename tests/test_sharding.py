@@ -34,3 +34,4 @@ def test_dp_under_fsdp_sharding_draws_noise_per_shard():
     for agg in ("dp_aggregate", "dp_adaptive_aggregate"):
         assert f"{agg}: same key, same release sharded and on one device" in proc.stdout
         assert f"{agg}: update on sharded sums holds no full-size kernel" in proc.stdout
+        assert f"{agg}: explicit mesh, noise drawn per shard, same release as one device" in proc.stdout
