@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test docs format compare bench bench-quick clean
+.PHONY: demo test test-distributed docs format compare bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ demo: $(VENV)/.installed-examples
 test: $(VENV)/.installed-dev,examples,dp
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto -m "not distributed"
+
+# DP-SGD across 2 processes x 4 CPU devices (jax.distributed, gloo): about a minute.
+test-distributed: $(VENV)/.installed-dev,examples,dp
+	$(PY) -m pytest -p no:xdist -m distributed tests/test_distributed.py
 
 # The documentation site (Sphinx + MyST, docs/): warnings are errors. Open docs/_build/html/index.html.
 docs: $(VENV)/.installed-docs,dp

@@ -11,12 +11,16 @@
 # OUT_DIR (default benchmarks/results/gpu) gets:
 #   update.{json,md}   the update-step targets at GPU sizes (up to 1e8 parameters), one state and vmapped
 #   dp.{json,md}       the DP-SGD step (Flax LSTM) against jax_privacy
+#   dp_sharded.{json,md} the DP step (ghost_clipped_grad_sum + dp_aggregate + adam) on params sharded
+#                      P('data', None) over every GPU: time, temp per device, collectives (issue 29)
 #   demo/              the demo's metrics.csv and plot; demo.log its printed summary
 #   gpu.{json,md}      the machine, each part's status and wall time, and the two tables
 #   *.log              each part's output
 # Extra flags go to both benchmark runs (the update run ignores --dp, the DP run the sizes), e.g. a
 # tiny CPU check of the entry points:
+#   DP_SHARDED_FLAGS="--width 256 --layers 2 --batch 32 --repeats 2 --inner 1" \
 #   bash benchmarks/gpu.sh /tmp/gpu-check --sizes 3e4 --bf16-sizes= --vmap-sizes=3e4 --dp=16x16 --repeats 2 --inner 1
+# DP_SHARDED_FLAGS (default: ~67M params, width 4096 x 4 layers, batch 64) go to dp_sharded.py only.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -87,18 +91,23 @@ fi
 # 2. The update step at GPU sizes (plan `gpu` in benchmarks/run.py). run.py writes its files after
 #    every part and starts no part after --budget-s, so a slow machine still leaves results.
 if have optax; then
-    run update 230 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name update --budget-s 160 "$@" --dp=
+    run update 200 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name update --budget-s 140 "$@" --dp=
 else
     printf 'update\tskipped (optax missing)\t0\n' >>"$status_file"
 fi
 
 # 3. The DP step (needs flax and jax_privacy).
 if have flax && have jax_privacy; then
-    run dp 140 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name dp --budget-s 70 "$@" \
+    run dp 110 "$PY" benchmarks/run.py --plan gpu --out "$OUT" --name dp --budget-s 55 "$@" \
         --sizes= --bf16-sizes= --vmap-sizes=
 else
     printf 'dp\tskipped (flax or jax_privacy missing)\t0\n' >>"$status_file"
 fi
+
+# 3b. The DP step on FSDP-sharded params over every device (optax and optaxclip only).
+# shellcheck disable=SC2086  # the flags are meant to split
+run dp_sharded 60 "$PY" benchmarks/dp_sharded.py --out "$OUT" \
+    ${DP_SHARDED_FLAGS:---width 4096 --layers 4 --batch 64 --repeats 5 --inner 2}
 
 # 4. The demo (needs flax, tqdm, matplotlib): unclipped vs clipped LSTM training.
 if have flax && have tqdm && have matplotlib; then
@@ -133,6 +142,10 @@ for name in ("update", "dp"):
         data = json.loads(f.read_text())
         record[name] = {k: data[k] for k in ("targets", "reported", "skipped", "complete", "device", "jax")}
         md += ["", f"## {name}", "", (out / f"{name}.md").read_text()]
+f = out / "dp_sharded.json"
+if f.exists():
+    record["dp_sharded"] = json.loads(f.read_text())
+    md += ["", "## dp_sharded", "", (out / "dp_sharded.md").read_text()]
 demo = out / "demo.log"
 if demo.exists():
     md += ["", "## demo", "", "```", *demo.read_text().splitlines()[-40:], "```"]

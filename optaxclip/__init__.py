@@ -42,6 +42,7 @@ from ._skip import skip_spikes as skip_spikes
 from ._stats import ClipStats as ClipStats
 from ._stats import metrics as metrics
 from ._stats import stats as stats
+from ._train_state import apply_gradients as apply_gradients
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "adagc_clip",
     "adaptive_clip",
     "adaptive_noise_multipliers",
+    "apply_gradients",
     "clipped_grad_sum",
     "dp_adaptive_aggregate",
     "dynamic_loss_scale",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -31,7 +30,12 @@ class DPAggregateState(NamedTuple):
         `clipped` whether any example was clipped, `nonfinite_count` steps
         with a non-finite example. Per-example quantities are NOT
         differentially private: `metrics()` names them `nonprivate/...`.
-      rng_key: The PRNG key the next step's noise is drawn from.
+      rng_key: uint32, the data (`jax.random.key_data`) of the PRNG key the
+        next step's noise is drawn from. The transform rewraps it with the
+        impl of the key it was given (typed threefry or rbg, or a legacy
+        key), so the stream is that key's, and the state holds plain arrays
+        only: it survives flax msgpack (`to_bytes`/`from_bytes`),
+        `to_state_dict`, orbax and pickle.
       nonfinite_example_count: int32 `[]`, examples dropped for a non-finite
         gradient so far (not private).
     """
@@ -66,29 +70,46 @@ def _check_batch_axis(fn: str, updates, params) -> None:
         )
 
 
-# Noise is drawn by one scan in about this many chunks (their size a power of two from 2**14 to
-# 2**20 values): few enough iterations for an accelerator, small enough that one chunk's work is
-# a small part of the noise.
-_NOISE_CHUNKS = 64
+def _key_parts(key: jax.Array) -> tuple[jax.Array, object]:
+    """`(data, impl)`: the key's uint32 data, kept in the state, and the impl to rewrap it with.
 
-
-def _standard_normal(key: jax.Array, shapes: list) -> list[jax.Array]:
-    """Independent standard normal float32 arrays of the given shapes, from one key.
-
-    Drawn as consecutive chunks of one stream by a `lax.scan` (the chunk's
-    key is `fold_in(key, chunk)`), then cut into the shapes. A draw per leaf
-    (or one draw of the total size) holds its random bits and their
-    transform at once, about four param-sized buffers on XLA:CPU; chunked,
-    it holds the noise and one chunk's work, and compiles one chunk's
-    generator instead of one per leaf (measured in benchmarks/README.md).
+    The state holds plain uint32 arrays, so it survives every format that
+    takes NumPy arrays (flax msgpack, `to_state_dict`, pickle, orbax); the
+    transform rewraps the data with the user's impl (threefry, rbg, ...), so
+    the stream is the one the user's key draws. `impl` is None for a legacy
+    `uint32[2]` key, used as it is.
     """
-    total = sum(math.prod(s) for s in shapes)
-    if total == 0:
-        return [jnp.zeros(s, F32) for s in shapes]
-    chunk = min(max(1 << max(total // _NOISE_CHUNKS - 1, 1).bit_length(), 2**14), 2**20, total)
-    draw = lambda carry, i: (carry, jax.random.normal(jax.random.fold_in(key, i), (chunk,), F32))  # noqa: E731
-    _, z = jax.lax.scan(draw, None, jnp.arange(-(-total // chunk)))
-    return _norms.split(z.reshape(-1), shapes)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key), jax.random.key_impl(key)
+    return jnp.asarray(key, jnp.uint32), None
+
+
+def _split_key(data: jax.Array, impl, num: int) -> tuple[jax.Array, list[jax.Array]]:
+    """`(next data, keys)`: the state's next key data and `num - 1` fresh keys of the user's type."""
+    key = data if impl is None else jax.random.wrap_key_data(data, impl=impl)
+    keys = jax.random.split(key, num)
+    next_data = keys[0] if impl is None else jax.random.key_data(keys[0])
+    return next_data, [keys[i] for i in range(1, num)]
+
+
+def _leaf_noise(key: jax.Array, index: int, like: jax.Array) -> jax.Array:
+    """Standard normal float32 noise for leaf `index` (its position in the flattened tree).
+
+    One draw per leaf from `fold_in(key, index)`: with JAX's partitionable
+    threefry (`jax_threefry_partitionable`, the default) each element's bits
+    depend only on the key and its index, so under `jit` with sharded params
+    every device draws the noise of its own shard (no collective) and the
+    values are the same however the leaf is sharded. On a mesh with
+    `Explicit` axes the draw takes the sum's sharding (else JAX draws it
+    replicated, a full copy per device, and slices it).
+    """
+    sharding = jax.typeof(like).sharding
+    mesh = getattr(sharding, "mesh", None)
+    explicit = mesh is not None and not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
+    key = jax.random.fold_in(key, index)
+    if explicit:
+        return jax.random.normal(key, like.shape, F32, out_sharding=sharding)
+    return jax.random.normal(key, like.shape, F32)
 
 
 def _is_float0(x) -> bool:
@@ -142,12 +163,11 @@ def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, ax
         clipped_any = jax.lax.psum(clipped_any.astype(jnp.int32), axis_name) > 0
     denom = jnp.maximum(n_real, 1.0) if denom is None else jnp.asarray(denom, F32)
     out = [np.zeros(shape, jax.dtypes.float0) for shape in shapes]
-    noises = _standard_normal(noise_key, [s.shape for s in sums])
-    for i, s, noise in zip(data, sums, noises, strict=True):
+    for i, s in zip(data, sums, strict=True):
         # Noise drawn and added in float32 whatever the leaf dtype (a bfloat16 draw would be coarse).
         dtype = jnp.result_type(like[i])
         dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else F32
-        out[i] = ((s.astype(F32) + std * noise) / denom).astype(dtype)
+        out[i] = ((s.astype(F32) + std * _leaf_noise(noise_key, i, s)) / denom).astype(dtype)
     released = treedef.unflatten(out)
     stats = _stats.record(
         stats,
@@ -175,8 +195,10 @@ def dp_aggregate(
     memory-bounded path, already clipped). Each example's global norm is
     clipped to `l2_norm_clip`; the clipped gradients are summed in float32;
     Gaussian noise of std `noise_multiplier * l2_norm_clip`, drawn in
-    float32 from a fresh key each step (one stream of independent draws,
-    cut into the leaves), is added; the result is
+    float32 from a fresh key each step (leaf `i` of the flattened tree from
+    `fold_in(key, i)`, so under `jit` with sharded params each device draws
+    its own shard's noise, the same values as on one device), is added;
+    the result is
     divided by `expected_batch_size` (Poisson sampling) or else by the
     number of real examples. An optional `mask=` argument to `update` (bool
     `[B]`) marks real rows: padded rows contribute exactly zero. An example
@@ -189,7 +211,8 @@ def dp_aggregate(
         norm would make the noise infinite). Schedulable.
       noise_multiplier: Noise std in units of `l2_norm_clip`; >= 0.
         Schedulable.
-      key: A PRNG key (typed or legacy).
+      key: A PRNG key (typed, of any impl, or legacy); the state keeps its
+        data and the transform its impl.
       expected_batch_size: Divide by this instead of the number of real
         examples (use with Poisson sampling); >= 1.
       axis_name: Inside `shard_map` over a data axis: each device clips its
@@ -216,6 +239,11 @@ def dp_aggregate(
       leaves (`jax.grad(..., allow_int=True)` for integer params) hold no
       data and are released as `float0`. Norms are float32: a float64
       example beyond float32's range counts as non-finite and adds zero.
+      Per-shard noise needs `jax_threefry_partitionable` (JAX's default);
+      with it off the noise is another stream (again the same sharded or
+      not) and XLA may move it between devices. On XLA:CPU each leaf's draw holds its counters and
+      bits (about three leaf-sized buffers, all leaves at once); on GPU and
+      TPU the draw fuses.
 
     Example:
       >>> import jax, jax.numpy as jnp, optaxclip
@@ -233,18 +261,19 @@ def dp_aggregate(
     _checks.positive_finite(fn, "l2_norm_clip", l2_norm_clip)
     _checks.finite(fn, "noise_multiplier", noise_multiplier)
     _checks.prng_key(fn, "key", key)
+    key_data, impl = _key_parts(key)
     _checks.non_negative(fn, "noise_multiplier", noise_multiplier)
     if expected_batch_size is not None:
         _checks.integer_at_least(fn, "expected_batch_size", expected_batch_size, 1)
 
     def init_fn(params):
         del params
-        return DPAggregateState(_stats.init_stats(), key, jnp.zeros((), jnp.int32))
+        return DPAggregateState(_stats.init_stats(), key_data, jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, *, mask=None, **extra_args):
         del extra_args
         clip = jnp.asarray(l2_norm_clip, F32)
-        next_key, noise_key = jax.random.split(state.rng_key)
+        next_key, (noise_key,) = _split_key(state.rng_key, impl, 2)
         std = jnp.asarray(noise_multiplier, F32) * clip
         released, stats, _, _, dropped = _aggregate(
             fn, updates, state.stats, clip, std, expected_batch_size, noise_key, mask, params, axis_name
@@ -259,7 +288,7 @@ class DPAdaptiveAggregateState(NamedTuple):
 
     Attributes:
       stats: As in `DPAggregateState`; `threshold` is the clip norm used.
-      rng_key: The PRNG key the next step's noise is drawn from.
+      rng_key: uint32 key data, as in `DPAggregateState`.
       nonfinite_example_count: int32 `[]` (not private).
       l2_norm_clip: float32 `[]`, the clip norm the next step uses (private:
         it is computed from noised counts only).
@@ -391,6 +420,7 @@ def dp_adaptive_aggregate(
     _checks.positive_finite(fn, "initial_l2_norm_clip", initial_l2_norm_clip)
     _checks.finite(fn, "noise_multiplier", noise_multiplier)
     _checks.prng_key(fn, "key", key)
+    key_data, impl = _key_parts(key)
     _checks.in_range(
         fn, "target_unclipped_quantile", target_unclipped_quantile, 0.0, 1.0, lo_open=True, hi_open=True
     )
@@ -402,7 +432,7 @@ def dp_adaptive_aggregate(
         del params
         return DPAdaptiveAggregateState(
             _stats.init_stats(),
-            key,
+            key_data,
             jnp.zeros((), jnp.int32),
             jnp.full((), initial_l2_norm_clip, F32),
             jnp.full((), jnp.nan, F32),
@@ -411,7 +441,7 @@ def dp_adaptive_aggregate(
     def update_fn(updates, state, params=None, *, mask=None, **extra_args):
         del extra_args
         clip = state.l2_norm_clip
-        next_key, noise_key, count_key = jax.random.split(state.rng_key, 3)
+        next_key, (noise_key, count_key) = _split_key(state.rng_key, impl, 3)
         released, stats, norms, real, dropped = _aggregate(
             fn,
             updates,

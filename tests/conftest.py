@@ -9,7 +9,7 @@ import optaxclip
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Run in a subprocess by test_sharding.py (needs 8 host devices), not imported here.
-collect_ignore = ["_sharded_script.py", "_sharded_per_example_script.py"]
+collect_ignore = ["_sharded_script.py", "_sharded_per_example_script.py", "_sharded_dp_script.py"]
 
 # Output precision of each dtype, for comparing against float64 references.
 RTOL = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1.6e-2}
