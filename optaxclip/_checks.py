@@ -19,7 +19,6 @@ Types are checked always, values where they are known:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from typing import Any
 
 import jax
