@@ -34,8 +34,8 @@ def flax_unit_axes(path: Any, leaf: jax.Array) -> Axes:
     del path
     if not hasattr(leaf, "shape") and not _checks.is_real(leaf):  # jnp.ndim reads "abc" as a scalar
         raise TypeError(
-            f"flax_unit_axes: `leaf` must be an array or a number (a parameter), got leaf={_checks.describe(leaf)} "
-            f"({type(leaf).__name__})."
+            f"flax_unit_axes: `leaf` must be an array or a number (a parameter), "
+            f"got leaf={_checks.describe(leaf)} ({type(leaf).__name__})."
         )
     ndim = jnp.ndim(leaf)
     return tuple(range(ndim)) if ndim <= 1 else tuple(range(ndim - 1))
