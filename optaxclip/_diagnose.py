@@ -56,8 +56,10 @@ def _as_array(fn: str, name: str, values, n: int | None = None, *, bools: bool =
         raise TypeError(
             f"{fn}: `{name}` must be {what}, got {name}={_checks.describe(values)} ({e})."
         ) from None
-    if arr.dtype == object:  # e.g. None among numbers
+    if arr.dtype == object:  # e.g. None among numbers (which NumPy would read as NaN)
         try:
+            if any(v is None or isinstance(v, (str, bytes, bool)) for v in arr.reshape(-1)):
+                raise TypeError
             arr = arr.astype(np.float64)
         except (TypeError, ValueError):
             raise TypeError(

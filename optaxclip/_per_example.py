@@ -177,7 +177,7 @@ def _per_example_grads(fn, loss_fn, argnums, batch_argnums, has_aux, microbatch_
     _checks.boolean(fn, "has_aux", has_aux)
     wrt, batch_argnums = _check_argnums(fn, argnums, batch_argnums)
     if microbatch_size is not None:
-        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1)
+        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1, concrete=True)  # a shape
     grad_fn = jax.grad(loss_fn, argnums=argnums, has_aux=has_aux)
 
     def batched(*args):
@@ -355,7 +355,7 @@ def clipped_grad_sum(
     _checks.function(fn, "loss_fn", loss_fn)
     _checks.boolean(fn, "has_aux", has_aux)
     if microbatch_size is not None:
-        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1)
+        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1, concrete=True)  # a shape
     wrt_nums, batch_argnums = _check_argnums(fn, argnums, batch_argnums)
     grads_of = _per_example_grads(fn, loss_fn, argnums, batch_argnums, has_aux, None)
 
@@ -403,6 +403,7 @@ def _microbatched(fn: str, args, batch_argnums, microbatch_size: int, per_chunk,
     and the chunks' outputs with the batch axis restored.
     """
     batch = jax.tree.leaves(args[batch_argnums[0]])[0].shape[0]
+    microbatch_size = int(microbatch_size)  # checked: a whole number (2.0, np.int32(2) are shapes too)
     if batch % microbatch_size:
         raise ValueError(
             f"{fn}: the batch size ({batch}) must be a multiple of "

@@ -23,7 +23,7 @@ ACCOUNTANTS = ("pld", "rdp")
 
 
 def _check(fn, noise_multiplier, sampling_rate, steps, delta, accountant):
-    if noise_multiplier is not None:
+    if fn != "noise_multiplier_for":  # which has none: it returns one
         _checks.positive(fn, "noise_multiplier", noise_multiplier, concrete=True)
     _checks.in_range(fn, "sampling_rate", sampling_rate, 0.0, 1.0, lo_open=True, hi_open=False, concrete=True)
     _checks.integer_at_least(fn, "steps", steps, 1, concrete=True)
