@@ -64,9 +64,8 @@ def number(
     *,
     integer: bool = False,
     concrete: bool = False,
-    optional: bool = False,
 ) -> int | float | None:
-    """`value` as a Python number; None when it is traced (or None and `optional`).
+    """`value` as a Python number; None when it is traced.
 
     Raises a `TypeError` naming `fn`, `name` and the value unless `value`
     is a Python int or float, a NumPy scalar, or a 0-d JAX/NumPy array
@@ -77,9 +76,7 @@ def number(
     size or in privacy accounting).
     """
     expected = _INTEGER if integer else _REAL
-    if value is None:
-        if optional:
-            return None
+    if value is None:  # callers let None through where the argument is optional
         raise _refuse(fn, name, value, expected, "None is accepted only where the argument is optional")
     if isinstance(value, (bool, np.bool_)):
         raise _refuse(fn, name, value, expected, "a bool is not a number here")
@@ -111,6 +108,7 @@ def _sequence_type(fn: str, name: str, value: Any, expected: str) -> None:
 
 
 def _static(fn: str, name: str, value: Any, *, integer: bool = False, concrete: bool = False) -> Any:
+    """`number`, with a list, tuple or dict refused as "must be a scalar"."""
     _sequence_type(fn, name, value, f"expected {_INTEGER if integer else _REAL}")
     return number(fn, name, value, integer=integer, concrete=concrete)
 

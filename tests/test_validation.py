@@ -13,9 +13,11 @@ From it:
   dtype too (shapes and dtypes are static under `jax.jit`);
 - the valid value as a Python number, a NumPy scalar, a 0-d NumPy or JAX
   array (also bfloat16, as `optax.inject_hyperparams` gives for bfloat16
-  params) and a traced scalar is accepted, and runs (construction, `init`
-  and one `update`); arguments used on the host refuse a traced value by
-  name;
+  params) and a traced scalar is accepted through construction, `init` and
+  one `update` (run and compared with the Python number's result for the
+  Python, JAX-array and traced forms; traced by `jax.eval_shape` for the
+  others, to keep the file fast); arguments used on the host refuse a traced
+  value by name;
 - a state made by another transform, or restored as a dict, gets a
   `TypeError` naming both types; a state for another tree a `ValueError`
   naming both structures.
