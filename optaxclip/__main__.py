@@ -18,6 +18,8 @@ import sys
 
 from ._diagnose import diagnose, format_findings, spike_steps, suggest_threshold
 
+LEGEND_ROWS = 22
+AXES_WIDTH = 8.5  # inches of the figure for the axes and their labels; the legend's are added
 NORM_COLUMNS = ("pre_clip_norm", "norm", "grad_norm", "global_norm", "gradient_norm")
 
 
@@ -77,7 +79,8 @@ def _figure(runs, norm_col: str):
         import matplotlib.pyplot as plt
     except ImportError:
         raise CliError("--plot needs matplotlib: pip install 'optaxclip[examples]'") from None
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    # Constrained layout keeps the legend, placed outside the axes on the right, inside the figure.
+    fig, ax = plt.subplots(figsize=(AXES_WIDTH, 4.5), layout="constrained")
     for i, (name, cols) in enumerate(runs.items()):
         norms = cols[norm_col]
         color = f"C{i}"
@@ -111,23 +114,36 @@ def _figure(runs, norm_col: str):
             )
         try:
             thr = suggest_threshold(norms)
-            ax.axhline(thr, color=color, ls="--", lw=1, label=f"suggested threshold {thr:.3g}")
+            shown = f"{name}: suggested threshold" if name else "suggested threshold"
+            ax.axhline(thr, color=color, ls="--", lw=1, label=f"{shown} {thr:.3g}")
         except ValueError:
             pass
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"{norm_col} (x: spikes, o: clipped)")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
+    # Outside the axes, so that no number of runs covers the curves: one column per 22 entries
+    # (what fits beside 4.5 inches of axes at this size), the figure widened by the legend's width
+    # so the axes keep theirs.
+    handles, labels = ax.get_legend_handles_labels()
+    ncol = max(1, math.ceil(len(labels) / LEGEND_ROWS))
+    legend = fig.legend(handles, labels, loc="outside right upper", fontsize=8, ncol=ncol)
+    width = legend.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi
+    fig.set_figwidth(AXES_WIDTH + width)
     return fig
 
 
 def _plot(runs, norm_col: str, out: pathlib.Path) -> None:
+    """Writes the figure to `out`, making its folder; a path that cannot be written is a `CliError`."""
     fig = _figure(runs, norm_col)
-    fig.savefig(out, dpi=110)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except (OSError, ValueError) as e:  # a folder in the way, no permission, an unknown image format
+        raise CliError(f"cannot write the plot to {out}: {e}") from None
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--plot",
         type=pathlib.Path,
-        help="write a PNG of the norm history (with the thresholds and clipped steps) here",
+        help="write a PNG of the norm history (with the thresholds and clipped steps) here; "
+        "missing folders are made",
     )
     args = ap.parse_args(argv)
     try:

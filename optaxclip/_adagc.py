@@ -117,6 +117,7 @@ def adagc_clip(
     _checks.in_range(fn, "ema_decay", ema_decay, 0.0, 1.0, lo_open=False, hi_open=True)
     _checks.integer_at_least(fn, "warmup_steps", warmup_steps, 0)
     _checks.positive(fn, "max_norm", max_norm)
+    _checks.axis_name(fn, axis_name)
 
     def init_fn(params):
         if params is None:
@@ -132,11 +133,13 @@ def adagc_clip(
 
     def update_fn(updates, state, params=None):
         del params
+        _checks.state(f"{fn}.update", state, AdaGCClipState)
         leaves, idx = _float_leaves(updates)
         if len(idx) != state.norm_ema.shape[0]:
             raise ValueError(
                 f"{fn}: the updates have {len(idx)} float leaves but the state was initialized for "
-                f"{state.norm_ema.shape[0]}; pass `init` params with the structure of the updates."
+                f"{state.norm_ema.shape[0]}; pass `init` params with the structure of the updates "
+                f"(the updates have structure {jax.tree.structure(updates)})."
             )
         if not idx:
             return updates, state._replace(stats=_stats.record(state.stats, **_empty()))

@@ -161,6 +161,8 @@ def adaptive_clip(
         if value is not None:
             _checks.positive(fn, name, value)
     _checks.one_of(fn, "estimator", estimator, ("window", "streaming"))
+    _checks.boolean(fn, "record_clipped", record_clipped, arrays=True, traced=True)
+    _checks.axis_name(fn, axis_name)
 
     def init_fn(params):
         del params
@@ -177,6 +179,7 @@ def adaptive_clip(
 
     def update_fn(updates, state, params=None):
         del params
+        _checks.state(f"{fn}.update", state, AdaptiveClipState)
         norm = _norms.global_norm(updates, axis_name)
         count = state.finite_norm_count
         warm = count >= jnp.asarray(warmup_steps, I32)
@@ -294,6 +297,7 @@ def zscore_clip(
     _checks.positive(fn, "eps", eps)
     if max_norm is not None:
         _checks.positive(fn, "max_norm", max_norm)
+    _checks.axis_name(fn, axis_name)
 
     def init_fn(params):
         del params
@@ -302,6 +306,7 @@ def zscore_clip(
 
     def update_fn(updates, state, params=None):
         del params
+        _checks.state(f"{fn}.update", state, ZScoreClipState)
         norm = _norms.global_norm(updates, axis_name)
         zt, d = jnp.asarray(z_threshold, F32), jnp.asarray(ema_decay, F32)
         mu, var, count = state.norm_ema_mean, state.norm_ema_var, state.finite_norm_count

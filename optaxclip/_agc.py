@@ -32,6 +32,11 @@ def flax_unit_axes(path: Any, leaf: jax.Array) -> Axes:
       A tuple of axes to reduce over.
     """
     del path
+    if not hasattr(leaf, "shape") and not _checks.is_real(leaf):  # jnp.ndim reads "abc" as a scalar
+        raise TypeError(
+            f"flax_unit_axes: `leaf` must be an array or a number (a parameter), "
+            f"got leaf={_checks.describe(leaf)} ({type(leaf).__name__})."
+        )
     ndim = jnp.ndim(leaf)
     return tuple(range(ndim)) if ndim <= 1 else tuple(range(ndim - 1))
 
@@ -95,8 +100,12 @@ def adaptive_grad_clip(
     fn = "adaptive_grad_clip"
     _checks.positive(fn, "clipping", clipping)
     _checks.positive(fn, "eps", eps)
+    _checks.function(fn, "unit_axes", unit_axes, optional=True)
+    if mask is not None and not callable(mask):
+        _check_mask(fn, mask)
 
     def update_fn(updates, state, params=None):
+        _checks.state(f"{fn}.update", state, _stats.ClipStats)
         _checks.params_given(fn, params)
         g_leaves, treedef = jax.tree.flatten(updates)
         p_paths, p_treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -106,6 +115,8 @@ def adaptive_grad_clip(
                 f"with {p_treedef}, updates with {treedef}."
             )
         m = mask(params) if callable(mask) else mask
+        if callable(mask):
+            _check_mask(fn, m, "mask(params)")
         flags = [True] * len(g_leaves) if m is None else jax.tree.leaves(m)
         if m is not None and jax.tree.structure(m) != treedef:
             raise ValueError(
@@ -129,3 +140,9 @@ def adaptive_grad_clip(
         return treedef.unflatten(out), stats
 
     return optax.GradientTransformation(_stats.init_fn, update_fn)
+
+
+def _check_mask(fn: str, mask: Any, name: str = "mask") -> None:
+    """Raises a `TypeError` unless every leaf of `mask` is a bool (a string such as "False" is truthy)."""
+    for path, flag in jax.tree_util.tree_flatten_with_path(mask, is_leaf=lambda x: x is None)[0]:
+        _checks.boolean(fn, f"{name}{jax.tree_util.keystr(path)}", flag, arrays=True)

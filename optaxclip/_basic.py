@@ -60,10 +60,13 @@ def clip_by_global_norm(
       Pascanu et al., On the difficulty of training recurrent neural
       networks, 2013. https://arxiv.org/abs/1211.5063
     """
-    _checks.positive("clip_by_global_norm", "max_norm", max_norm)
+    fn = "clip_by_global_norm"
+    _checks.positive(fn, "max_norm", max_norm)
+    _checks.axis_name(fn, axis_name)
 
     def update_fn(updates, state, params=None):
         del params
+        _checks.state(f"{fn}.update", state, _stats.ClipStats)
         norm = _norms.global_norm(updates, axis_name)
         return clip_to_bound(updates, state, norm, jnp.asarray(max_norm, F32))
 
@@ -71,10 +74,13 @@ def clip_by_global_norm(
 
 
 def _check_bound_spec(fn: str, name: str, bound: Bound, check) -> None:
-    """Checks a number or a pytree of numbers at construction (a callable is checked per leaf)."""
+    """Checks a number or a pytree of numbers at construction (a callable is checked per leaf).
+
+    `None` counts as a leaf here (JAX would drop it from the pytree), so it is refused by `check`.
+    """
     if callable(bound):
         return
-    for path, b in jax.tree_util.tree_flatten_with_path(bound)[0]:
+    for path, b in jax.tree_util.tree_flatten_with_path(bound, is_leaf=lambda x: x is None)[0]:
         check(fn, f"{name}{jax.tree_util.keystr(path)}", b)
 
 
@@ -140,9 +146,11 @@ def clip_by_leaf_norm(max_norm: Bound, *, axis_name: str | None = None) -> optax
     """
     fn = "clip_by_leaf_norm"
     _check_bound_spec(fn, "max_norm", max_norm, _checks.positive)
+    _checks.axis_name(fn, axis_name)
 
     def update_fn(updates, state, params=None):
         del params
+        _checks.state(f"{fn}.update", state, _stats.ClipStats)
         leaves, treedef, idx = _norms.float_leaves(updates)
         bounds = leaf_bounds(fn, "max_norm", max_norm, updates, _checks.positive)
         floats = [leaves[i] for i in idx]
@@ -321,6 +329,7 @@ def clip_by_value(
 
     def update_fn(updates, state, params=None):
         del params
+        _checks.state(f"{fn}.update", state, ClipByValueState if full else _stats.ClipStats)
         leaves, treedef, idx = _norms.float_leaves(updates)
         los, his = _value_leaf_bounds(fn, max_value, min_value, updates)
         out, reductions = list(leaves), []

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _checks
+
 SPIKE_FACTOR = 3.0  # a norm above 3x its rolling mean is a spike
 SPIKE_WINDOW = 100  # rolling mean over the previous 100 finite norms
 VANISHING = 1e-5  # norms persistently below this are vanishing
@@ -38,13 +40,38 @@ class Finding(NamedTuple):
     steps: tuple[int, ...] = ()
 
 
-def _as_array(name: str, values, n: int | None = None) -> np.ndarray:
+def _as_array(fn: str, name: str, values, n: int | None = None, *, bools: bool = False) -> np.ndarray:
+    """`values` as a float64 vector; a `TypeError` unless it is a 1-D sequence of real numbers.
+
+    Refused (naming `fn`, `name` and the value): None, a string, a scalar,
+    a nested or ragged sequence, strings or None among the values, complex
+    numbers, and bools unless `bools` (the `clipped` flags).
+    """
+    what = "a 1-D sequence of " + ("bools or numbers" if bools else "real numbers") + ", one per step"
+    if values is None or isinstance(values, (str, bytes)):
+        raise TypeError(f"{fn}: `{name}` must be {what}, got {name}={_checks.describe(values)}.")
     try:
-        arr = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"diagnose: `{name}` must be a sequence of numbers ({e}).") from None
+        arr = np.asarray(values)
+    except (TypeError, ValueError) as e:  # ragged
+        raise TypeError(
+            f"{fn}: `{name}` must be {what}, got {name}={_checks.describe(values)} ({e})."
+        ) from None
+    if arr.dtype == object:  # e.g. None among numbers (which NumPy would read as NaN)
+        try:
+            if any(v is None or isinstance(v, (str, bytes, bool)) for v in arr.reshape(-1)):
+                raise TypeError
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{fn}: `{name}` must be {what}, got {name}={_checks.describe(values)} (not all numbers)."
+            ) from None
+    kinds = "iuf" + ("b" if bools else "")
+    if arr.dtype.kind not in kinds or arr.ndim != 1:
+        why = f"dtype {arr.dtype}" if arr.dtype.kind not in kinds else f"{arr.ndim} dimensions"
+        raise TypeError(f"{fn}: `{name}` must be {what}, got {name}={_checks.describe(values)} ({why}).")
+    arr = arr.astype(np.float64)
     if n is not None and arr.shape[0] != n:
-        raise ValueError(f"diagnose: `{name}` must have one value per step ({n}), got {arr.shape[0]}.")
+        raise ValueError(f"{fn}: `{name}` must have one value per step ({n}), got {arr.shape[0]}.")
     return arr
 
 
@@ -57,7 +84,7 @@ def spike_steps(norms: Sequence[float]) -> np.ndarray:
     Returns:
       An int array of step indices (at least 10 earlier finite norms needed).
     """
-    x = _as_array("norms", norms)
+    x = _as_array("spike_steps", "norms", norms)
     finite = np.isfinite(x)
     vals = np.concatenate([[0.0], np.cumsum(np.where(finite, x, 0.0))])
     cnt = np.concatenate([[0], np.cumsum(finite)])
@@ -89,7 +116,7 @@ def _loss_divergence(losses: Sequence[float]) -> tuple[float, float, int] | None
     Returns `(end, best, window)` when the loss diverged, else None (also
     with fewer than 20 finite losses).
     """
-    x = _as_array("losses", losses)
+    x = np.asarray(losses, np.float64)  # checked by `diagnose`
     x = x[np.isfinite(x)]
     n = x.shape[0]
     if n < 20:
@@ -130,14 +157,19 @@ def suggest_threshold(norms: Sequence[float], quantile: float = 0.95) -> float:
       >>> print(f"{optaxclip.suggest_threshold(norms):.2f}")
       1.20
     """
-    if not 0 < quantile <= 1:
-        raise ValueError(f"suggest_threshold: `quantile` must be in (0, 1], got quantile={quantile!r}.")
-    x = _as_array("norms", norms)
+    fn = "suggest_threshold"
+    _checks.in_range(fn, "quantile", quantile, 0, 1, lo_open=True, hi_open=False, concrete=True)
+    x = _as_array(fn, "norms", norms)
     keep = np.isfinite(x)
     keep[spike_steps(x)] = False
     if not keep.any():
         raise ValueError("suggest_threshold: `norms` holds no finite, non-spike value.")
     return float(np.quantile(x[keep], quantile))
+
+
+# The transform advised where a run needs a clip: it clips a bad batch from step 1 and its
+# threshold does not rise with norms that grow under too high a learning rate.
+GUARD = "guard_clip() (the recommended default, chained before the optimizer)"
 
 
 def diagnose(
@@ -156,14 +188,22 @@ def diagnose(
         low or the learning rate too high;
       - clipping almost never fires (< 1% of 100+ steps): the threshold is
         too high to matter;
-      - a norm above 3x its rolling 100-step mean: a bad batch (skip it, for
-        example with `skip_spikes`, or lower the learning rate);
+      - a norm above 3x its rolling 100-step mean: a bad batch (clip it, for
+        example with `guard_clip`, skip it with `skip_spikes`, or lower the
+        learning rate);
       - norms persistently below 1e-5: vanishing gradients (initialization,
         residual connections, normalization);
       - with `losses`: non-finite losses, and a loss that ended far above
         its best (divergence), judged on window means, not on the noisy per-step minimum.
 
     If nothing is wrong, one `"ok"` finding gives the suggested threshold.
+
+    The advice depends on whether the run was clipped: a threshold was in
+    effect on some step (a finite entry of `thresholds`) or a `clipped` flag
+    is set. An unclipped run is advised to clip with `guard_clip` first; a
+    clipped run is never told to add clipping: for it the advice is about
+    its threshold (which spikes passed it, whether it rose with the norms)
+    and the learning rate.
 
     Args:
       norms: Pre-clip global norms, one per step.
@@ -175,6 +215,11 @@ def diagnose(
     Returns:
       A list of `Finding`s, most severe first.
 
+    Raises:
+      TypeError: if an argument is not a 1-D sequence of numbers (bools too
+        for `clipped`).
+      ValueError: if `norms` is empty, or another argument's length differs.
+
     Example:
       >>> import optaxclip
       >>> norms = [1.0, 1.1, 0.9, 1.0] * 5 + [50.0, 1.0, float("nan")]
@@ -182,11 +227,17 @@ def diagnose(
       ...     print(f.code, f.steps)
       nonfinite (22,)
       spikes (20,)
+      >>> print(optaxclip.diagnose(norms)[1].action.split(" (")[0])  # unclipped run: clip it
+      clip with guard_clip()
     """
-    x = _as_array("norms", norms)
+    fn = "diagnose"
+    x = _as_array(fn, "norms", norms)
     n = x.shape[0]
     if n == 0:
         raise ValueError("diagnose: `norms` is empty.")
+    thr = None if thresholds is None else _as_array(fn, "thresholds", thresholds, n)
+    flags_given = None if clipped is None else _as_array(fn, "clipped", clipped, n, bools=True) > 0
+    loss = None if losses is None else _as_array(fn, "losses", losses, n)
     finite = np.isfinite(x)
     out: list[Finding] = []
 
@@ -199,19 +250,19 @@ def diagnose(
                 f"{bad.size} of {n} steps have a non-finite gradient norm (first at step {bad[0]}).",
                 "overflow: float16 without loss scaling, a learning rate too high, or a bad batch",
                 "use loss scaling or bfloat16, lower the learning rate, and skip such steps by "
-                "wrapping the chain in optax.apply_if_finite",
+                "wrapping the chain in optax.apply_if_finite (clipping cannot make a NaN/inf finite)",
                 tuple(int(s) for s in bad[:20]),
             )
         )
 
     flags = None
     active = np.ones(n, bool)  # steps on which a clipping threshold was in effect
-    if thresholds is not None:
-        thr = _as_array("thresholds", thresholds, n)
+    if thr is not None:
         active = np.isfinite(thr)
         flags = active & finite & (x > np.where(active, thr, np.inf))
-    if clipped is not None:
-        flags = _as_array("clipped", clipped, n) > 0
+    if flags_given is not None:
+        flags = flags_given
+    was_clipped = bool((thr is not None and active.any()) or (flags_given is not None and flags_given.any()))
     if flags is not None and active.sum() >= 20:
         rate = float(flags[active].mean())
         if rate > 0.5:
@@ -221,9 +272,9 @@ def diagnose(
                     "warning",
                     f"clipping fired on {rate:.0%} of steps.",
                     "the threshold is too low for this model, or the learning rate is too high",
-                    f"raise the threshold (suggested global-norm max_norm: {_suggest_or_nan(x):.3g}) "
-                    "or lower the learning rate; value clipping and AGC act on elements or units "
-                    "and fire on most steps by design",
+                    f"raise the threshold (suggested global-norm max_norm: {_suggest_or_nan(x):.3g}), "
+                    f"or let {GUARD} set it from the run's typical norm, or lower the learning rate; "
+                    "value clipping and AGC act on elements or units and fire on most steps by design",
                     tuple(int(s) for s in np.flatnonzero(flags)[:20]),
                 )
             )
@@ -241,19 +292,7 @@ def diagnose(
 
     spikes = spike_steps(x)
     if spikes.size:
-        out.append(
-            Finding(
-                "spikes",
-                "warning",
-                f"{spikes.size} step(s) with a norm above {SPIKE_FACTOR:g}x the rolling "
-                f"{SPIKE_WINDOW}-step mean (first at step {spikes[0]}, up to "
-                f"{float(np.max(x[spikes])):.3g}).",
-                "a bad batch (corrupt or unusual data), or a learning rate near instability",
-                "clip (adaptive_clip or zscore_clip), skip such steps (skip_spikes), or lower the "
-                "learning rate",
-                tuple(int(s) for s in spikes[:20]),
-            )
-        )
+        out.append(_spike_finding(x, spikes, thr, flags, was_clipped))
 
     recent = x[finite][-100:]
     if recent.size >= 10 and np.mean(recent < VANISHING) >= 0.9:
@@ -270,46 +309,101 @@ def diagnose(
             )
         )
 
-    if losses is not None:
-        loss = _as_array("losses", losses, n)
+    if loss is not None:
         lbad = np.flatnonzero(~np.isfinite(loss))
         if lbad.size:
+            action = (
+                "lower the learning rate (or the clip threshold), check the data of that step, and "
+                "skip such steps by wrapping the chain in optax.apply_if_finite"
+                if was_clipped
+                else f"clip with {GUARD}, lower the learning rate, and check the data of that step"
+            )
             out.append(
                 Finding(
                     "loss_nonfinite",
                     "error",
                     f"the loss is non-finite on {lbad.size} step(s) (first at step {lbad[0]}).",
                     "the model diverged or overflowed",
-                    "lower the learning rate, clip the gradients, and check the data of that step",
+                    action,
                     tuple(int(s) for s in lbad[:20]),
                 )
             )
         diverged = _loss_divergence(loss)
         if diverged is not None:
-            tail, best, window = diverged
-            out.append(
-                Finding(
-                    "loss_diverging",
-                    "warning",
-                    f"the loss (mean over {window} steps) ended at {tail:.3g}, far above its best "
-                    f"{best:.3g}.",
-                    "training diverged: the learning rate is too high or the updates too large",
-                    "lower the learning rate or clip the gradients",
-                )
-            )
+            out.append(_divergence_finding(diverged, thr, was_clipped))
 
     if not out:
+        suggestion = f"a global-norm threshold near the top of the normal range: {_suggest_or_nan(x):.3g}"
         out.append(
             Finding(
                 "ok",
                 "info",
                 f"no problem found in {n} steps (norms {float(np.min(x)):.3g} to {float(np.max(x)):.3g}).",
                 "",
-                f"a global-norm threshold near the top of the normal range: {_suggest_or_nan(x):.3g}",
+                suggestion
+                if was_clipped
+                else f"to guard against bad batches, clip with {GUARD}; {suggestion}",
             )
         )
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(out, key=lambda f: order[f.severity])
+
+
+def _spike_finding(x, spikes, thr, flags, was_clipped: bool) -> Finding:
+    """The `spikes` finding; for a clipped run, which spikes the threshold let through."""
+    message = (
+        f"{spikes.size} step(s) with a norm above {SPIKE_FACTOR:g}x the rolling "
+        f"{SPIKE_WINDOW}-step mean (first at step {spikes[0]}, up to {float(np.max(x[spikes])):.3g})."
+    )
+    cause = "a bad batch (corrupt or unusual data), or a learning rate near instability"
+    if not was_clipped:
+        action = f"clip with {GUARD}, skip such steps (skip_spikes), or lower the learning rate"
+        return Finding("spikes", "warning", message, cause, action, tuple(int(s) for s in spikes[:20]))
+    passed = spikes[~flags[spikes]] if flags is not None else spikes[:0]
+    if passed.size:
+        at = ""
+        if thr is not None:
+            shown = ", ".join(f"step {s}: norm {x[s]:.3g}, threshold {thr[s]:.3g}" for s in passed[:3])
+            at = f" ({shown}{', ...' if passed.size > 3 else ''})"
+        message += f" The clip let {passed.size} of them through unclipped{at}."
+        action = (
+            "the threshold was above these spikes: lower it, or switch to guard_clip() if it is an "
+            "adaptive threshold that had risen with the norms (or had no history yet); skip such "
+            "steps (skip_spikes) or lower the learning rate"
+        )
+        return Finding("spikes", "warning", message, cause, action, tuple(int(s) for s in passed[:20]))
+    message += " The clip bounded every one (these are pre-clip norms)."
+    action = (
+        "nothing to add if the loss did not jump at these steps; if it did, skip such steps "
+        "(skip_spikes) or lower the learning rate, and check the data of those batches"
+    )
+    return Finding("spikes", "info", message, cause, action, tuple(int(s) for s in spikes[:20]))
+
+
+def _divergence_finding(diverged, thr, was_clipped: bool) -> Finding:
+    """The `loss_diverging` finding; for a clipped run, whether its threshold rose with the norms."""
+    tail, best, window = diverged
+    message = f"the loss (mean over {window} steps) ended at {tail:.3g}, far above its best {best:.3g}."
+    cause = "training diverged: the learning rate is too high or the updates too large"
+    if not was_clipped:
+        action = (
+            f"clip with {GUARD} (its threshold does not rise with growing norms), or lower the learning rate"
+        )
+        return Finding("loss_diverging", "warning", message, cause, action)
+    action = "the run was clipped: lower the learning rate, or lower the clip threshold"
+    if thr is not None:
+        seen = thr[np.isfinite(thr)]
+        if seen.size >= 2 and seen[-1] > 2 * np.min(seen):
+            message += f" The clip threshold rose from {float(np.min(seen)):.3g} to {float(seen[-1]):.3g}."
+            cause = (
+                "training diverged, and the clip threshold followed the growing norms up, so it stopped "
+                "binding (as history-based thresholds do under too high a learning rate)"
+            )
+            action = (
+                "switch to guard_clip() (its level rises by at most 0.3% per step and not while the "
+                "loss rises; pass loss= to its update), or lower the learning rate"
+            )
+    return Finding("loss_diverging", "warning", message, cause, action)
 
 
 def _suggest_or_nan(x: np.ndarray) -> float:
@@ -330,10 +424,21 @@ def format_findings(findings: Sequence[Finding]) -> str:
 
     Example:
       >>> import optaxclip
-      >>> print(optaxclip.format_findings(optaxclip.diagnose([1.0] * 30)))
+      >>> print(optaxclip.format_findings(optaxclip.diagnose([1.0] * 30, thresholds=[2.0] * 30)))
       [info] ok: no problem found in 30 steps (norms 1 to 1).
         action: a global-norm threshold near the top of the normal range: 1
     """
+    if isinstance(findings, (str, bytes, Finding)) or not isinstance(findings, Sequence):
+        raise TypeError(
+            "format_findings: `findings` must be a sequence of Finding (what diagnose returns), "
+            f"got findings={_checks.describe(findings)}."
+        )
+    for i, f in enumerate(findings):
+        if not isinstance(f, Finding):
+            raise TypeError(
+                f"format_findings: `findings[{i}]` must be a Finding (what diagnose returns), "
+                f"got findings[{i}]={_checks.describe(f)}."
+            )
     lines = []
     for f in findings:
         lines.append(f"[{f.severity}] {f.code}: {f.message}")

@@ -147,7 +147,7 @@ def _aggregate(fn, updates, stats, clip, std, denom, noise_key, mask, params, ax
         leaves, treedef = jax.tree.flatten(updates)
         _check_batch_axis(fn, updates, params)
         norms = _norms.batch_global_norms(updates)
-        real = _row_mask(mask, norms.shape[0])
+        real = _row_mask(mask, norms.shape[0], f"{fn}.update")
         data = [i for i, x in enumerate(leaves) if not _is_float0(x)]
         sums = _clip_and_sum([leaves[i] for i in data], norms, real, clip)
         like = leaves
@@ -265,6 +265,7 @@ def dp_aggregate(
     _checks.non_negative(fn, "noise_multiplier", noise_multiplier)
     if expected_batch_size is not None:
         _checks.integer_at_least(fn, "expected_batch_size", expected_batch_size, 1)
+    _checks.axis_name(fn, axis_name)
 
     def init_fn(params):
         del params
@@ -272,6 +273,7 @@ def dp_aggregate(
 
     def update_fn(updates, state, params=None, *, mask=None, **extra_args):
         del extra_args
+        _checks.state(f"{fn}.update", state, DPAggregateState)
         clip = jnp.asarray(l2_norm_clip, F32)
         next_key, (noise_key,) = _split_key(state.rng_key, impl, 2)
         std = jnp.asarray(noise_multiplier, F32) * clip
@@ -333,11 +335,12 @@ def adaptive_noise_multipliers(
       1.0008 25.6
     """
     fn = "adaptive_noise_multipliers"
-    _checks.non_negative(fn, "noise_multiplier", noise_multiplier)
-    _checks.integer_at_least(fn, "expected_batch_size", expected_batch_size, 1)
+    _checks.non_negative(fn, "noise_multiplier", noise_multiplier, concrete=True)
+    _checks.finite(fn, "noise_multiplier", noise_multiplier, concrete=True)
+    _checks.integer_at_least(fn, "expected_batch_size", expected_batch_size, 1, concrete=True)
     if clipped_count_stddev is None:
-        clipped_count_stddev = expected_batch_size / 20
-    _checks.positive(fn, "clipped_count_stddev", clipped_count_stddev)
+        clipped_count_stddev = float(expected_batch_size) / 20
+    _checks.positive(fn, "clipped_count_stddev", clipped_count_stddev, concrete=True)
     z, z_count = float(noise_multiplier), 2.0 * float(clipped_count_stddev)
     if z == 0:
         return 0.0, z_count
@@ -418,13 +421,19 @@ def dp_adaptive_aggregate(
     """
     fn = "dp_adaptive_aggregate"
     _checks.positive_finite(fn, "initial_l2_norm_clip", initial_l2_norm_clip)
-    _checks.finite(fn, "noise_multiplier", noise_multiplier)
+    # Split between the two queries here, on the host: these must be concrete.
+    _checks.finite(fn, "noise_multiplier", noise_multiplier, concrete=True)
+    _checks.non_negative(fn, "noise_multiplier", noise_multiplier, concrete=True)
     _checks.prng_key(fn, "key", key)
+    _checks.integer_at_least(fn, "expected_batch_size", expected_batch_size, 1, concrete=True)
+    if clipped_count_stddev is not None:
+        _checks.positive(fn, "clipped_count_stddev", clipped_count_stddev, concrete=True)
     key_data, impl = _key_parts(key)
     _checks.in_range(
         fn, "target_unclipped_quantile", target_unclipped_quantile, 0.0, 1.0, lo_open=True, hi_open=True
     )
     _checks.positive(fn, "clip_learning_rate", clip_learning_rate)
+    _checks.axis_name(fn, axis_name)
     z_grad, z_count = adaptive_noise_multipliers(noise_multiplier, expected_batch_size, clipped_count_stddev)
     count_std = z_count / 2
 
@@ -440,6 +449,7 @@ def dp_adaptive_aggregate(
 
     def update_fn(updates, state, params=None, *, mask=None, **extra_args):
         del extra_args
+        _checks.state(f"{fn}.update", state, DPAdaptiveAggregateState)
         clip = state.l2_norm_clip
         next_key, (noise_key, count_key) = _split_key(state.rng_key, impl, 3)
         released, stats, norms, real, dropped = _aggregate(

@@ -154,6 +154,7 @@ def guard_clip(
     _checks.ordered(fn, "fast_loss_decay", fast_loss_decay, "slow_loss_decay", slow_loss_decay)
     if initial_max_norm is not None:
         _checks.positive(fn, "initial_max_norm", initial_max_norm)
+    _checks.axis_name(fn, axis_name)
 
     def init_fn(params):
         del params
@@ -173,6 +174,8 @@ def guard_clip(
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
         del params, extra_args
+        _checks.state(f"{fn}.update", state, GuardClipState)
+        _checks.loss(f"{fn}.update", loss)
         norm = _norms.global_norm(updates, axis_name)
         if loss is not None and axis_name is not None:  # every device's state takes the mean loss
             loss = jax.lax.pmean(jnp.asarray(loss, F32), axis_name)
@@ -220,9 +223,7 @@ def _loss_emas(state: GuardClipState, loss, record, fast_decay, slow_decay):
     """The fast and slow loss EMAs after this step's `loss` (kept as they are if None or non-finite)."""
     if loss is None:
         return state.loss_fast, state.loss_slow
-    loss = jnp.asarray(loss, F32)
-    if loss.shape != ():
-        raise ValueError(f"guard_clip: `loss` must be a scalar, got an array of shape {loss.shape}.")
+    loss = jnp.asarray(loss, F32)  # a real scalar: checked by update
     record = record & jnp.isfinite(loss)
     first = jnp.isnan(state.loss_fast)
 

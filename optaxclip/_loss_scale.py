@@ -128,13 +128,12 @@ def dynamic_loss_scale(
       https://pytorch.org/docs/stable/amp.html#gradient-scaling
     """
     fn = "dynamic_loss_scale"
+    _checks.transformation(fn, "inner", inner)
     _checks.positive(fn, "initial_scale", initial_scale)
     _checks.finite(fn, "initial_scale", initial_scale)
     _checks.in_range(fn, "growth_factor", growth_factor, 1.0, float("inf"), lo_open=False, hi_open=True)
     _checks.in_range(fn, "backoff_factor", backoff_factor, 0.0, 1.0, lo_open=True, hi_open=False)
     _checks.integer_at_least(fn, "growth_interval", growth_interval, 1)
-    if not callable(getattr(inner, "update", None)) or not callable(getattr(inner, "init", None)):
-        raise ValueError(f"{fn}: `inner` must be an optax.GradientTransformation, got inner={inner!r}.")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -147,6 +146,7 @@ def dynamic_loss_scale(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        _checks.state(f"{fn}.update", state, DynamicLossScaleState)
         scale = state.loss_scale
         unscaled = jax.tree.map(lambda g: g.astype(F32) / scale, updates)
         finite = _all_finite(unscaled)

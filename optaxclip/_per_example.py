@@ -18,7 +18,19 @@ def _as_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def _check_argnums(fn: str, argnums, batch_argnums) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Validates `argnums` / `batch_argnums` at construction; returns both as tuples."""
+    """Validates `argnums` / `batch_argnums` at construction; returns both as tuples.
+
+    Each is an int or a tuple/list of ints: anything else (a str, a float, a
+    bool) is a `TypeError`; a negative index, an empty or overlapping set a
+    `ValueError`.
+    """
+    for name, nums in (("argnums", argnums), ("batch_argnums", batch_argnums)):
+        items = nums if isinstance(nums, (tuple, list)) else (nums,)
+        if any(not isinstance(i, int) or isinstance(i, bool) for i in items):
+            raise TypeError(
+                f"{fn}: `{name}` must be an int or a tuple of ints (argument positions), "
+                f"got {name}={_checks.describe(nums)}."
+            )
     wrt, batched = _as_tuple(argnums), _as_tuple(batch_argnums)
     if not batched:
         raise ValueError(
@@ -28,7 +40,7 @@ def _check_argnums(fn: str, argnums, batch_argnums) -> tuple[tuple[int, ...], tu
     if not wrt:
         raise ValueError(f"{fn}: `argnums` must name at least one argument, got argnums={wrt!r}.")
     for name, nums in (("argnums", wrt), ("batch_argnums", batched)):
-        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in nums):
+        if any(i < 0 for i in nums):
             raise ValueError(f"{fn}: `{name}` must be non-negative ints, got {name}={nums!r}.")
     if set(wrt) & set(batched):
         raise ValueError(
@@ -161,9 +173,11 @@ def per_example_grads(
 
 
 def _per_example_grads(fn, loss_fn, argnums, batch_argnums, has_aux, microbatch_size):
+    _checks.function(fn, "loss_fn", loss_fn)
+    _checks.boolean(fn, "has_aux", has_aux)
     wrt, batch_argnums = _check_argnums(fn, argnums, batch_argnums)
     if microbatch_size is not None:
-        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1)
+        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1, concrete=True)  # a shape
     grad_fn = jax.grad(loss_fn, argnums=argnums, has_aux=has_aux)
 
     def batched(*args):
@@ -203,7 +217,9 @@ class ClippedGradSum(NamedTuple):
     l2_norm_clip: jax.Array
 
 
-def _row_mask(mask, batch: int) -> jax.Array:
+def _row_mask(mask, batch: int, fn: str | None = None) -> jax.Array:
+    """The bool `[batch]` mask of real rows; `mask` checked (a bool or 0/1 array of that shape)."""
+    _checks.row_mask(fn, mask, batch)
     return jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask, bool).reshape(batch)
 
 
@@ -336,8 +352,10 @@ def clipped_grad_sum(
       https://arxiv.org/abs/1607.00133
     """
     fn = "clipped_grad_sum"
+    _checks.function(fn, "loss_fn", loss_fn)
+    _checks.boolean(fn, "has_aux", has_aux)
     if microbatch_size is not None:
-        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1)
+        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1, concrete=True)  # a shape
     wrt_nums, batch_argnums = _check_argnums(fn, argnums, batch_argnums)
     grads_of = _per_example_grads(fn, loss_fn, argnums, batch_argnums, has_aux, None)
 
@@ -358,7 +376,7 @@ def clipped_grad_sum(
         wrt = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
         bounds = _layer_bounds(fn, l2_norm_clip, wrt)
         clip = jnp.asarray(l2_norm_clip, F32) if bounds is None else layer_sensitivity(bounds)
-        real = _row_mask(mask, batch)
+        real = _row_mask(mask, batch, fn)
         if microbatch_size is None:
             grads, norms, aux = chunk_sum(args, real, clip, bounds)
         else:
@@ -385,6 +403,7 @@ def _microbatched(fn: str, args, batch_argnums, microbatch_size: int, per_chunk,
     and the chunks' outputs with the batch axis restored.
     """
     batch = jax.tree.leaves(args[batch_argnums[0]])[0].shape[0]
+    microbatch_size = int(microbatch_size)  # checked: a whole number (2.0, np.int32(2) are shapes too)
     if batch % microbatch_size:
         raise ValueError(
             f"{fn}: the batch size ({batch}) must be a multiple of "

@@ -102,11 +102,12 @@ def skip_spikes(
       2024. https://arxiv.org/abs/2402.00838
     """
     fn = "skip_spikes"
+    _checks.transformation(fn, "inner", inner)
     _checks.integer_at_least(fn, "window", window, 2)
     _checks.positive(fn, "sigma", sigma)
     _checks.integer_at_least(fn, "warmup_steps", warmup_steps, 2)
     _checks.integer_at_least(fn, "max_consecutive_skips", max_consecutive_skips, 1)
-    if isinstance(warmup_steps, int) and isinstance(window, int) and warmup_steps > window:
+    if isinstance(warmup_steps, (int, float)) and isinstance(window, (int, float)) and warmup_steps > window:
         raise ValueError(
             f"{fn}: `warmup_steps` must be <= `window`, got warmup_steps={warmup_steps}, window={window}."
         )
@@ -124,6 +125,8 @@ def skip_spikes(
         )
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
+        _checks.state(f"{fn}.update", state, SkipSpikesState)
+        _checks.loss(f"{fn}.update", loss)
         norm = _norms.global_norm(updates)
         size = jnp.minimum(state.finite_norm_count, state.norm_history.shape[0])
         warm = state.finite_norm_count >= warmup_steps

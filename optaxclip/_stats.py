@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import _checks
+
 
 class ClipStats(NamedTuple):
     """What a clipping transform did on its last step, and counters since init.
@@ -317,6 +319,7 @@ def metrics(opt_state: Any, *, private_only: bool = False) -> dict[str, jax.Arra
       >>> print(int(m["total_notfinite"]), int(m["step_count"]))
       1 0
     """
+    _checks.boolean("metrics", "private_only", private_only)
     found = _find(_unwrap_variables(opt_state))
     if not found:
         stats(opt_state)  # raises the error

@@ -19,12 +19,15 @@ from ._dp import adaptive_noise_multipliers
 ACCOUNTANTS = ("pld", "rdp")
 
 
+# Accounting runs on the host: every number must be concrete (a traced value is a `TypeError`).
+
+
 def _check(fn, noise_multiplier, sampling_rate, steps, delta, accountant):
-    if noise_multiplier is not None:
-        _checks.positive(fn, "noise_multiplier", noise_multiplier)
-    _checks.in_range(fn, "sampling_rate", sampling_rate, 0.0, 1.0, lo_open=True, hi_open=False)
-    _checks.integer_at_least(fn, "steps", steps, 1)
-    _checks.in_range(fn, "delta", delta, 0.0, 1.0, lo_open=True, hi_open=True)
+    if fn != "noise_multiplier_for":  # which has none: it returns one
+        _checks.positive(fn, "noise_multiplier", noise_multiplier, concrete=True)
+    _checks.in_range(fn, "sampling_rate", sampling_rate, 0.0, 1.0, lo_open=True, hi_open=False, concrete=True)
+    _checks.integer_at_least(fn, "steps", steps, 1, concrete=True)
+    _checks.in_range(fn, "delta", delta, 0.0, 1.0, lo_open=True, hi_open=True, concrete=True)
     _checks.one_of(fn, "accountant", accountant, ACCOUNTANTS)
 
 
@@ -38,8 +41,8 @@ def _check_truncation(fn, truncated_batch_size, num_examples, accountant="pld"):
         )
     if truncated_batch_size is None:
         return
-    _checks.integer_at_least(fn, "truncated_batch_size", truncated_batch_size, 1)
-    _checks.integer_at_least(fn, "num_examples", num_examples, 1)
+    _checks.integer_at_least(fn, "truncated_batch_size", truncated_batch_size, 1, concrete=True)
+    _checks.integer_at_least(fn, "num_examples", num_examples, 1, concrete=True)
     if accountant != "pld":
         raise ValueError(
             f"{fn}: truncated Poisson sampling needs `accountant` 'pld' (dp_accounting's RDP "
@@ -86,7 +89,14 @@ def dp_event(
     """
     import dp_accounting
 
-    _check_truncation("dp_event", truncated_batch_size, num_examples)
+    fn = "dp_event"
+    _checks.non_negative(fn, "noise_multiplier", noise_multiplier, concrete=True)
+    _checks.in_range(fn, "sampling_rate", sampling_rate, 0.0, 1.0, lo_open=True, hi_open=False, concrete=True)
+    _checks.integer_at_least(fn, "steps", steps, 1, concrete=True)
+    if count_noise_multiplier is not None:
+        _checks.non_negative(fn, "count_noise_multiplier", count_noise_multiplier, concrete=True)
+    _check_truncation(fn, truncated_batch_size, num_examples)
+    noise_multiplier, sampling_rate, steps = float(noise_multiplier), float(sampling_rate), int(steps)
     if truncated_batch_size is not None:
         if count_noise_multiplier is not None:
             raise ValueError(
@@ -103,7 +113,8 @@ def dp_event(
         return dp_accounting.SelfComposedDpEvent(step, steps)
     query = dp_accounting.GaussianDpEvent(noise_multiplier)
     if count_noise_multiplier is not None:
-        query = dp_accounting.ComposedDpEvent([query, dp_accounting.GaussianDpEvent(count_noise_multiplier)])
+        count = dp_accounting.GaussianDpEvent(float(count_noise_multiplier))
+        query = dp_accounting.ComposedDpEvent([query, count])
     return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(sampling_rate, query), steps)
 
 
@@ -157,6 +168,7 @@ def epsilon(
     """
     _check("epsilon", noise_multiplier, sampling_rate, steps, delta, accountant)
     _check_truncation("epsilon", truncated_batch_size, num_examples, accountant)
+    delta = float(delta)
     acc = _accountant(accountant)
     acc.compose(
         dp_event(
@@ -215,6 +227,10 @@ def adaptive_epsilon(
     """
     _check("adaptive_epsilon", noise_multiplier, sampling_rate, steps, delta, accountant)
     _check_truncation("adaptive_epsilon", truncated_batch_size, num_examples, accountant)
+    _checks.integer_at_least("adaptive_epsilon", "expected_batch_size", expected_batch_size, 1, concrete=True)
+    if clipped_count_stddev is not None:
+        _checks.positive("adaptive_epsilon", "clipped_count_stddev", clipped_count_stddev, concrete=True)
+    delta = float(delta)
     z_grad, z_count = adaptive_noise_multipliers(noise_multiplier, expected_batch_size, clipped_count_stddev)
     acc = _accountant(accountant)
     if accountant == "rdp":
@@ -268,11 +284,19 @@ def noise_multiplier_for(
       >>> print(f"{nm:.2f} {privacy.epsilon(nm, 0.1, 10, 1e-5, **truncated):.3f}")
       5.45 0.300
     """
-    _checks.positive("noise_multiplier_for", "target_epsilon", target_epsilon)
+    _checks.positive("noise_multiplier_for", "target_epsilon", target_epsilon, concrete=True)
     _check("noise_multiplier_for", None, sampling_rate, steps, delta, accountant)
     _check_truncation("noise_multiplier_for", truncated_batch_size, num_examples, accountant)
+    as_int = lambda v: None if v is None else int(v)  # noqa: E731
+    # Python numbers for the cache's key (a JAX scalar is not hashable).
     return _calibrate(
-        target_epsilon, sampling_rate, steps, delta, accountant, truncated_batch_size, num_examples
+        float(target_epsilon),
+        float(sampling_rate),
+        int(steps),
+        float(delta),
+        accountant,
+        as_int(truncated_batch_size),
+        as_int(num_examples),
     )
 
 
@@ -367,9 +391,15 @@ def poisson_batch(rng: np.random.Generator, num_examples: int, sampling_rate: fl
       (8,) 8
     """
     fn = "poisson_batch"
-    _checks.integer_at_least(fn, "num_examples", num_examples, 1)
-    _checks.in_range(fn, "sampling_rate", sampling_rate, 0.0, 1.0, lo_open=True, hi_open=False)
-    _checks.integer_at_least(fn, "batch_size", batch_size, 1)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"{fn}: `rng` must be a NumPy generator (np.random.default_rng(seed)), "
+            f"got rng={_checks.describe(rng)} ({type(rng).__name__})."
+        )
+    _checks.integer_at_least(fn, "num_examples", num_examples, 1, concrete=True)
+    _checks.in_range(fn, "sampling_rate", sampling_rate, 0.0, 1.0, lo_open=True, hi_open=False, concrete=True)
+    _checks.integer_at_least(fn, "batch_size", batch_size, 1, concrete=True)
+    num_examples, sampling_rate, batch_size = int(num_examples), float(sampling_rate), int(batch_size)
     chosen = np.flatnonzero(rng.random(num_examples) < sampling_rate)
     if chosen.size > batch_size:
         # A uniformly random subset: the truncated-sampling analysis assumes it (not the first ones).

@@ -61,9 +61,11 @@ class ClipByGlobalNormTest(chex.TestCase):
         self.assertFalse(bool(state.clipped))
 
     def test_bad_max_norm_raises(self):
-        for bad in (0, 0.0, -1.0, float("nan"), True):
+        for bad in (0, 0.0, -1.0, float("nan")):
             with pytest.raises(ValueError, match=r"clip_by_global_norm: `max_norm`.*max_norm="):
                 optaxclip.clip_by_global_norm(bad)
+        with pytest.raises(TypeError, match=r"clip_by_global_norm: `max_norm`.*max_norm=True"):
+            optaxclip.clip_by_global_norm(True)  # a bool is not the threshold 1
 
     @given(
         x=hnp.arrays(
@@ -444,19 +446,19 @@ def test_in_chain_multisteps_and_vmap(name):
 
 @pytest.mark.parametrize("name", TRANSFORMS)
 @pytest.mark.parametrize(
-    "bad, match",
+    "bad, error, match",
     [
-        ([1.0, 2.0], r"must be a scalar, got \w+=\[1.0, 2.0\]"),
-        (jnp.array([1.0]), r"must be a scalar, got \w+=an array of shape \(1,\)"),
-        (jnp.array(-1.0), r"must be > 0, got \w+=-1.0"),
-        (jnp.array(jnp.nan), r"must be (> 0|a finite number), got \w+=nan"),
+        ([1.0, 2.0], TypeError, r"must be a scalar, got \w+=\[1.0, 2.0\]"),
+        (jnp.array([1.0]), TypeError, r"must be a scalar, got \w+=an array of shape \(1,\)"),
+        (jnp.array(-1.0), ValueError, r"must be > 0, got \w+=-1.0"),
+        (jnp.array(jnp.nan), ValueError, r"must be (> 0|a finite number), got \w+=nan"),
     ],
 )
-def test_vector_and_concrete_array_thresholds_raise(name, bad, match):
+def test_vector_and_concrete_array_thresholds_raise(name, bad, error, match):
     factory, arg = TRANSFORMS[name]
     if name in ("leaf", "value") and isinstance(bad, list):
         pytest.skip("a list is a per-leaf pytree of bounds here (checked against the updates)")
-    with pytest.raises(ValueError, match=rf"{factory.__name__}: `{arg}.*" + match):
+    with pytest.raises(error, match=rf"{factory.__name__}: `{arg}.*" + match):
         factory(bad)
 
 

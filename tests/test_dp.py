@@ -156,7 +156,7 @@ class DPAggregateTest(chex.TestCase):
         arg = "initial_l2_norm_clip" if name == "dp_adaptive_aggregate" else "l2_norm_clip"
         with pytest.raises(ValueError, match=rf"{name}: `{arg}` must be a finite number, got {arg}=inf"):
             make(jnp.inf, 0.0, jax.random.key(0), **kwargs)
-        with pytest.raises(ValueError, match=rf"{name}: `{arg}` must be a scalar"):
+        with pytest.raises(TypeError, match=rf"{name}: `{arg}` must be a scalar"):
             make(jnp.array([1.0, 2.0]), 0.0, jax.random.key(0), **kwargs)
         with pytest.raises(TypeError, match=rf"{name}: `key` must be a PRNG key.*got key=0"):
             make(1.0, 1.0, 0, **kwargs)

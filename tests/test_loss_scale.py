@@ -160,7 +160,9 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_bad_inner():
-    with pytest.raises(ValueError, match="dynamic_loss_scale: `inner`"):
+    with pytest.raises(
+        TypeError, match="dynamic_loss_scale: `inner` must be an optax.GradientTransformation.*inner=1.0"
+    ):
         optaxclip.dynamic_loss_scale(1.0)
 
 
