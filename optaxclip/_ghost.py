@@ -334,11 +334,13 @@ def ghost_clipped_grad_sum(
       Cost (book-keeping), 2023. https://arxiv.org/abs/2210.00038
     """
     fn = "ghost_clipped_grad_sum"
+    _checks.function(fn, "loss_fn", loss_fn)
+    _checks.boolean(fn, "has_aux", has_aux)
     if not isinstance(argnums, int) or isinstance(argnums, bool):
-        raise ValueError(f"{fn}: `argnums` must be one int (the params argument), got argnums={argnums!r}.")
+        raise TypeError(f"{fn}: `argnums` must be one int (the params argument), got argnums={argnums!r}.")
     _, batch_argnums = _check_argnums(fn, argnums, batch_argnums)
     if microbatch_size is not None:
-        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1)
+        _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1, concrete=True)  # a shape
 
     def paths(*args) -> dict[str, str]:
         _batch_size(fn, args, batch_argnums)
@@ -353,7 +355,7 @@ def ghost_clipped_grad_sum(
         args = _vary_like_batch(args, (argnums,), batch_argnums)
         bounds = _layer_bounds(fn, l2_norm_clip, args[argnums])
         clip = jnp.asarray(l2_norm_clip, F32) if bounds is None else layer_sensitivity(bounds)
-        real = _row_mask(mask, batch)
+        real = _row_mask(mask, batch, fn)
         chunk_sum = functools.partial(_clipped_sum, loss_fn, argnums, batch_argnums, has_aux)
         if microbatch_size is None:
             grads, norms, aux = chunk_sum(args, real, bounds, clip)

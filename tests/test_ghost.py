@@ -398,7 +398,7 @@ class UsageTest(chex.TestCase):
         c = case("einsum_attention")
         ones = jnp.ones(B)
         with pytest.raises(
-            ValueError, match=r"ghost_clipped_grad_sum: `argnums` must be one int.*argnums=\(0, 1\)"
+            TypeError, match=r"ghost_clipped_grad_sum: `argnums` must be one int.*argnums=\(0, 1\)"
         ):
             optaxclip.ghost_clipped_grad_sum(c.loss, argnums=(0, 1))
         with pytest.raises(
