@@ -53,15 +53,40 @@ def check(name, model, mesh, clip):
     print(name, "8 devices == 1 device == vmap path")
 
 
+def check_bound(adv, mesh):
+    """Issue 26 under shard_map: one hostile example per device, each device's clipped sum (not
+    `psum`med) is that example's contribution: <= C (1 + 1e-5), as on one device."""
+    ghost = optaxclip.ghost_clipped_grad_sum(adv.loss_fn)
+    x = jnp.concatenate([adv.x, adv.x[::-1]])  # 8 examples, one per device
+
+    def local(p, x):
+        out = ghost(p, x, l2_norm_clip=adv.clip)
+        return jax.tree.map(lambda g: g[None], out.grads), out.norms
+
+    sharded = jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P("data")))
+    )
+    grads, norms = sharded(adv.params, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    per = np.sqrt(
+        sum(np.sum(np.asarray(g, np.float64).reshape(8, -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
+    )
+    assert np.all(np.asarray(norms) > adv.clip), norms
+    assert np.max(per) <= adv.clip * (1 + 1e-5), (adv.name, per / adv.clip)
+    print(adv.name, "under shard_map: max contribution / C", float(np.max(per) / adv.clip))
+
+
 def main():
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     import ghost_models as gm
+    from adversarial import ADVERSARIES
 
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((8,), ("data",))
     per_layer = lambda path, leaf: 0.1
     for name, clip in (("nnx_transformer", 0.3), ("linen_lstm", per_layer), ("equinox_lstm", 0.3)):
         check(name, gm.MODELS[name](), mesh, clip)
+    for name in ("centred_dense", "mixed_scales", "conv_instance_norm"):
+        check_bound(ADVERSARIES[name](), mesh)
     print("GHOST SHARDING OK")
 
 
