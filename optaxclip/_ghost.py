@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -100,6 +102,19 @@ def _labels(an: _Analysis) -> dict[int, tuple[str, str]]:
         else:
             out[i] = (MATERIALISED, "does not reach the loss with a gradient (its gradient is 0)")
     return out
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` of the first caller outside optaxclip and JAX (under `jit`, microbatches)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    jax_dir = os.path.dirname(os.path.abspath(jax.__file__))
+    frame, level = sys._getframe(2), 2  # level 1: `on_plan`, which calls `warnings.warn`
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(here) or name.startswith(jax_dir) or name.endswith("functools.py")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
 
 
 def _backward(an: _Analysis, leaves: list, examples: list, batch: int):
@@ -461,7 +476,7 @@ def ghost_clipped_grad_sum(
             f"{fn}: {len(slow)} parameter leaves take exact per-example gradients (the vmap path's "
             f"memory for them): {names}{more}. `f.explain(*args)` says why for every leaf.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )
 
     def run(*args, l2_norm_clip, mask=None):

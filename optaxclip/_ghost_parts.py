@@ -29,6 +29,8 @@ import jax.numpy as jnp
 
 from . import _ghost_ops as ops
 from ._ghost_plan import Endpoint, Site, evaluate_node
+from ._ghost_trace import _vary
+from ._per_example import _varying_axes
 
 F32 = jnp.float32
 
@@ -165,9 +167,12 @@ def endpoint_grads(e: Endpoint, recs: list, bdims: list, g: jax.Array) -> jax.Ar
     rflags = [r[1] for r in e.records if r is not None]
     for k in reversed(range(n)):
         f = jax.vmap(
-            f, in_axes=(0 if flags[k] else None, *(0 if fl[k] else None for fl in rflags)), axis_size=e.steps[k]
+            f,
+            in_axes=(0 if flags[k] else None, *(0 if fl[k] else None for fl in rflags)),
+            axis_size=e.steps[k],
         )
-    zero = jnp.zeros((*stacked, *w_aval.shape), F32)
+    # `W = 0` varying over the shard_map axes `G` does (the VJP's cotangent type must match).
+    zero = _vary(jnp.zeros((*stacked, *w_aval.shape), F32), frozenset(_varying_axes(g)))
 
     def one(recs_b, g_b):
         return jax.vjp(lambda w: f(w, *recs_b), zero)[1](ops._f32(g_b))[0]

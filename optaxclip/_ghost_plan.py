@@ -231,7 +231,9 @@ class _Graph:
             self._propagate(body, flag)
         self._walk(body, (*scope, eqn))
         flag.update(
-            o for o, inner in zip(eqn.outvars, body.outvars, strict=True) if _hashable(inner) and inner in flag
+            o
+            for o, inner in zip(eqn.outvars, body.outvars, strict=True)
+            if _hashable(inner) and inner in flag
         )
 
     def _propagate(self, jaxpr, flag) -> None:
@@ -239,7 +241,9 @@ class _Graph:
             if eqn.primitive.name == "scan":
                 body = eqn.params["jaxpr"].jaxpr
                 flag.update(
-                    inner for v, inner in zip(eqn.invars, body.invars, strict=True) if _hashable(v) and v in flag
+                    inner
+                    for v, inner in zip(eqn.invars, body.invars, strict=True)
+                    if _hashable(v) and v in flag
                 )
                 self._propagate(body, flag)
                 flag.update(

@@ -217,7 +217,7 @@ CASES = {
     # name: (constructor, (ghost, materialised, per-example) or None)
     "literal_carry": (literal_carry, (0, 1, 0)),
     "fori_loop": (fori_loop, (0, 2, 0)),
-    "while_loop": (while_loop, (1, 0, 0)),
+    "while_loop": (while_loop, (0, 1, 0)),
     "cond_switch": (cond_switch, (0, 1, 2)),
     "remat_pjit_custom_vjp": (remat_pjit_custom_vjp, (0, 1, 1)),
     "stacked_scan": (stacked_scan, (0, 2, 0)),
@@ -228,4 +228,215 @@ CASES = {
     "twice_in_two_scans": (twice_in_two_scans, (0, 2, 0)),
     "gru_learned_init": (gru_learned_init, (1, 5, 0)),
     "weight_decay_in_loss": (weight_decay_in_loss, (0, 1, 0)),
+}
+
+
+# ---------------------------------------------------------------- the issue's table (frameworks)
+
+
+def _xent(logits, y):
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0])
+
+
+def _tokens(seed=0, vocab=11, seq=T):
+    t = np.random.default_rng(seed).integers(0, vocab, (B, seq + 1))
+    return jnp.asarray(t, jnp.int32)  # [B, seq + 1]: inputs t[:, :-1], targets t[:, 1:]
+
+
+def _fill(abstract, seed=0):
+    """Concrete float32 values for an abstract params pytree (N(0, 1/fan_in); vectors 0.1 N, + 1 for
+    a `scale`)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        shape = tuple(leaf.shape)
+        if len(shape) >= 2:
+            fan = (
+                np.prod(shape[-3:-1])
+                if "layers" in jax.tree_util.keystr(path) and len(shape) >= 3
+                else shape[0]
+            )
+            return jnp.asarray(rng.standard_normal(shape) / np.sqrt(max(fan, 1)), jnp.float32)
+        base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+        return jnp.asarray(base + 0.1 * rng.standard_normal(shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def nnx_scanned_blocks(layers=3, width=8, heads=2, vocab=11, seq=T):
+    """Flax NNX: blocks built by `nnx.vmap` (stacked params) and run by `nnx.scan` over layers:
+    LayerNorm -> causal MultiHeadAttention -> LayerNorm -> MLP, then a LayerNorm and a head."""
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.ln1 = nnx.LayerNorm(width, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(heads, width, decode=False, rngs=rngs)
+            self.ln2 = nnx.LayerNorm(width, rngs=rngs)
+            self.up = nnx.Linear(width, 2 * width, rngs=rngs)
+            self.down = nnx.Linear(2 * width, width, rngs=rngs)
+
+        def __call__(self, h, mask):
+            h = h + self.attn(self.ln1(h), mask=mask)
+            return h + self.down(jax.nn.gelu(self.up(self.ln2(h))))
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(vocab, width, rngs=rngs)
+
+            @nnx.split_rngs(splits=layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+
+            self.layers = make(rngs)
+            self.ln = nnx.LayerNorm(width, rngs=rngs)
+            self.head = nnx.Linear(width, vocab, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.embed(x)
+            mask = nnx.make_causal_mask(x)
+
+            @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+            def run(h, block, mask):
+                return block(h, mask)
+
+            h = run(h, self.layers, mask)
+            return self.head(self.ln(h))
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Model(nnx.Rngs(0))), nnx.Param, ...)
+    params = _fill(params)
+    rest = jax.tree.map(
+        lambda v: (
+            jax.random.key(0)
+            if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+            else jnp.zeros(v.shape, v.dtype)
+        ),
+        rest,
+    )
+
+    def loss(p, t):
+        return _xent(nnx.merge(graphdef, p, rest)(t[None, :-1])[0], t[1:])
+
+    return loss, params, _tokens(0, vocab, seq)
+
+
+def linen_scanned_layers(layers=3, width=8, vocab=11):
+    """Flax Linen: `nn.scan` over layers (`variable_axes={"params": 0}`) of a Dense + LayerNorm block."""
+    from flax import linen as nn
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return h + nn.Dense(width)(jax.nn.gelu(nn.Dense(2 * width)(nn.LayerNorm()(h)))), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Embed(vocab, width)(x)
+            Stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=layers)
+            h, _ = Stack()(h, None)
+            return nn.Dense(vocab)(h)
+
+    m = Model()
+    t = _tokens(1, vocab)
+    params = _fill(jax.eval_shape(m.init, jax.random.key(0), t[:1, :-1])["params"])
+
+    def loss(p, t):
+        return _xent(m.apply({"params": p}, t[None, :-1])[0], t[1:])
+
+    return loss, params, t
+
+
+def linen_optimized_lstm(layers=2, hidden=H, vocab=11):
+    """Flax Linen: a stack of `nn.RNN(nn.OptimizedLSTMCell)` built with `nn.scan` over layers (the
+    gate kernels concatenated before one dot, the layers' params stacked), an embedding and a head."""
+    from flax import linen as nn
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return nn.RNN(nn.OptimizedLSTMCell(hidden))(h), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Embed(vocab, hidden)(x)
+            Stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=layers)
+            h, _ = Stack()(h, None)
+            return nn.Dense(vocab)(h)
+
+    m = Model()
+    t = _tokens(2, vocab)
+    params = _fill(jax.eval_shape(m.init, jax.random.key(0), t[:1, :-1])["params"])
+
+    def loss(p, t):
+        return _xent(m.apply({"params": p}, t[None, :-1])[0], t[1:])
+
+    return loss, params, t
+
+
+def nnx_tied_rms_mha(width=8, heads=2, vocab=11):
+    """Flax NNX: tied embedding (`nnx.Embed` in, `.attend` out), RMSNorm, causal MultiHeadAttention."""
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(vocab, width, rngs=rngs)
+            self.norm = nnx.RMSNorm(width, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(heads, width, decode=False, rngs=rngs)
+            self.out_norm = nnx.RMSNorm(width, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.embed(x)
+            h = h + self.attn(self.norm(h), mask=nnx.make_causal_mask(x))
+            return self.embed.attend(self.out_norm(h))
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Model(nnx.Rngs(0))), nnx.Param, ...)
+    params = _fill(params)
+    rest = jax.tree.map(
+        lambda v: (
+            jax.random.key(0)
+            if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+            else jnp.zeros(v.shape, v.dtype)
+        ),
+        rest,
+    )
+
+    def loss(p, t):
+        return _xent(nnx.merge(graphdef, p, rest)(t[None, :-1])[0], t[1:])
+
+    return loss, params, _tokens(3, vocab)
+
+
+def equinox_gru_learned_init(hidden=H):
+    """Equinox: `eqx.nn.GRUCell` in `lax.scan` from a learned initial state, a linear readout."""
+    import equinox as eqx
+
+    def build():
+        k = jax.random.split(jax.random.key(0), 2)
+        return {
+            "cell": eqx.nn.GRUCell(D, hidden, key=k[0]),
+            "h0": jnp.zeros(hidden),
+            "out": eqx.nn.Linear(hidden, 2, key=k[1]),
+        }
+
+    abstract = eqx.filter_eval_shape(build)
+    params, static = eqx.partition(abstract, lambda v: isinstance(v, jax.ShapeDtypeStruct))
+    params = _fill(params, seed=4)
+
+    def loss(p, x):
+        m = eqx.combine(p, static)
+        _, hs = jax.lax.scan(lambda h, xt: (m["cell"](xt, h),) * 2, m["h0"], x)
+        return jnp.sum(jnp.sin(jax.vmap(m["out"])(hs)))
+
+    return loss, params, _x(4)
+
+
+CASES |= {
+    "nnx_scanned_blocks": (nnx_scanned_blocks, None),
+    "linen_scanned_layers": (linen_scanned_layers, None),
+    "linen_optimized_lstm": (linen_optimized_lstm, None),
+    "nnx_tied_rms_mha": (nnx_tied_rms_mha, None),
+    "equinox_gru_learned_init": (equinox_gru_learned_init, None),
 }
