@@ -65,7 +65,7 @@ def cond_switch():
         h = jnp.tanh(x @ p["u"])
         h = jax.lax.cond(x[0, 0] > 0, lambda h: h @ p["w"], lambda h: -h, h)
         k = (x[0, 1] > 0).astype(jnp.int32)
-        h = jax.lax.switch(k, [lambda h: jnp.sin(h), lambda h: h * p["s"]], h)
+        h = jax.lax.switch(k, [lambda h: jnp.sin(h), lambda h: h * p["s"][None]], h)
         return jnp.sum(h**2)
 
     params = {"u": _normal(1, D, D, scale=0.4), "w": _normal(2, D, D, scale=0.4), "s": _normal(3, D)}
@@ -98,7 +98,7 @@ def stacked_scan():
 
     def loss(p, x):
         def layer(h, lp):
-            return jnp.tanh(h @ lp["w"] + lp["b"]), None
+            return jnp.tanh(h @ lp["w"] + lp["b"][None]), None
 
         h, _ = jax.lax.scan(layer, x, p)
         return jnp.sum(h**2)
@@ -132,7 +132,7 @@ def fused_concat():
     def loss(p, x):
         k = jnp.concatenate([p["k0"], p["k1"], p["k2"], p["k3"]], axis=1)
         b = jnp.concatenate([p["b0"], p["b1"], p["b2"], p["b3"]])
-        z = x @ k + b
+        z = x @ k + b[None]
         return jnp.sum(jnp.tanh(z) ** 2)
 
     params = {f"k{i}": _normal(i, D, H, scale=0.4) for i in range(4)}

@@ -168,33 +168,41 @@ def test_stacked_dense_kernels_take_ghost_norms_per_step_slice():
     assert_close(out.grads, ref)
 
 
-def _offset(adv_name, loss, params, x, clip):
-    return adversarial.Adversary(adv_name, params, loss, x, clip)
-
-
 def _offset_cases():
-    """The new paths on offset inputs (`1e1 .. 1e4 + N(0, 1)`, one offset per example)."""
-    off = lambda shape: adversarial._offsets(0, shape)  # noqa: E731
-    out = []
-    loss, p, _ = sm.stacked_scan()
-    out.append(_offset("stacked_scan", lambda p, x: loss(p, x) * 1e-3, p, off((sm.T, sm.D)), 0.01))
-    loss, p, _ = sm.fused_concat()
-    out.append(_offset("fused_concat", loss, p, off((sm.T, sm.D)), 0.01))
-    loss, p, _ = sm.sliced_kernel()
-    out.append(_offset("sliced_kernel", loss, p, off((sm.T, sm.D)), 0.01))
-    loss, p, _ = sm.twice_in_two_scans()
-    out.append(_offset("twice_in_two_scans", loss, p, off((sm.T, sm.D)) * 1e-2, 0.01))
+    """The new paths on offset inputs (`1e1 .. 1e4 + N(0, 1)`, one offset per example) under centred
+    `sin` losses (no saturation: every example's gradient is large, so every example is clipped)."""
+    off = adversarial._offsets(0, (sm.T, sm.D))
+    rng = np.random.default_rng(7)
+    w = lambda *shape: jnp.asarray(rng.standard_normal(shape) / 6, jnp.float32)  # noqa: E731
+    centred = lambda z: jnp.sum(jnp.sin(z - z.mean(0, keepdims=True)))  # noqa: E731
 
-    def centred(p, x):  # a dense layer stacked over 3 scan steps, centred over positions
-        def layer(h, w):
-            z = h @ w
-            return jnp.sin(z - z.mean(0)), None
+    def stacked(p, x):  # a dense layer stacked over 3 scan steps
+        return centred(jax.lax.scan(lambda h, w: (jnp.sin(h @ w), None), x, p["w"])[0])
 
-        return jnp.sum(jax.lax.scan(layer, x, p["w"])[0])
+    def fused(p, x):
+        k = jnp.concatenate([p["k0"], p["k1"], p["k2"], p["k3"]], axis=1)
+        return centred(x @ k + jnp.concatenate([p["b0"], p["b1"]])[None])
 
-    p = {"w": jnp.asarray(np.random.default_rng(3).standard_normal((3, sm.D, sm.D)) / 6, jnp.float32)}
-    out.append(_offset("stacked_centred", centred, p, off((sm.T, sm.D)), 0.1))
-    return out
+    def sliced(p, x):
+        return centred(x @ p["w"][:, : 2 * sm.H]) + centred(x @ p["w"][:, 2 * sm.H :])
+
+    def two_scans(p, x):
+        step = lambda h, xt: (jnp.sin(xt @ p["w"]) + 0.5 * (h @ p["u"]),) * 2  # noqa: E731
+        h, _ = jax.lax.scan(step, jnp.zeros(sm.D), x)
+        return centred(jax.lax.scan(step, h, x[::-1])[1])
+
+    def tied(p, x):  # one kernel used twice, once inside a scan
+        h = x @ p["w"]
+        return centred(h) + centred(jax.lax.scan(lambda c, ht: (c, jnp.sin(ht @ p["w"])), 0.0, h)[1])
+
+    fused_p = {f"k{i}": w(sm.D, sm.H) for i in range(4)} | {f"b{i}": w(2 * sm.H) for i in range(2)}
+    return [
+        adversarial.Adversary("stacked_scan", {"w": w(3, sm.D, sm.D)}, stacked, off, 1e-3),
+        adversarial.Adversary("fused_concat", fused_p, fused, off, 0.1),
+        adversarial.Adversary("sliced_kernel", {"w": w(sm.D, 3 * sm.H)}, sliced, off, 0.1),
+        adversarial.Adversary("two_scans", {"w": w(sm.D, sm.D), "u": w(sm.D, sm.D)}, two_scans, off, 0.1),
+        adversarial.Adversary("used_twice", {"w": w(sm.D, sm.D)}, tied, off, 1e-3),
+    ]
 
 
 @pytest.mark.parametrize("adv", _offset_cases(), ids=lambda a: a.name)
