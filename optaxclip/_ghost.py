@@ -89,12 +89,15 @@ def _labels(an: _Analysis) -> dict[int, tuple[str, str]]:
             why = plan.reasons.get(i)
             if why is not None:
                 out[i] = (PER_EXAMPLE, f"the cotangent of a value computed from it, used by {why}")
-            else:
-                n = sum(1 for e in ends if e.kind == "site")
-                what = f"{n} sites" if n > 1 else "a site through a slice or a non-isometric op"
-                if any(e.kind == "cut" for e in ends):
-                    what += " and the initial carry of a `scan`"
-                out[i] = (MATERIALISED, f"per-example gradient materialised at {what}, summed per example")
+                continue
+            sites = [e for e in ends if e.kind == "site"]
+            what = ", ".join(sorted({f"`{e.eqn.primitive.name}`" for e in sites}))
+            what = f"{len(sites)} sites ({what})" if len(sites) > 1 else f"one {what} site"
+            if any(e.sliced and any(e.sliced) for e in sites):
+                what += ", per step-slice of a stack under `scan`"
+            if any(e.kind == "cut" for e in ends):
+                what += " and the initial carry of a `scan`"
+            out[i] = (MATERIALISED, f"per-example gradient materialised at {what}, summed per example")
         elif kind == "fallback":
             why = plan.reasons[i]
             label = MATERIALISED if why == CARRY_REASON else PER_EXAMPLE
@@ -370,11 +373,22 @@ def ghost_clipped_grad_sum(
     scan steps; also where the Gram matrices it needs are made for other
     sites anyway and cost fewer flops, as an LSTM's input kernels beside
     its hidden ones); the clipped sum is the op's VJP at the
-    factor-weighted `G` (one matmul for a dense layer). A leaf used twice (a tied
-    embedding, a layer applied twice), used inside a `custom_jvp`, `cond`
-    or `while`, or through an op not listed takes exact per-example
-    gradients (`jax.vmap` of the VJP, restricted to those leaves), in the
-    same backward pass. `f.paths(*args)` says which leaf took which path.
+    factor-weighted `G` (one matmul for a dense layer). Layers stacked
+    under a `scan` over layers (`nnx.scan` over `nnx.vmap`-built blocks,
+    Linen `nn.scan`, `lax.scan` with stacked params as `xs`) and fused
+    kernels (gate kernels concatenated before one dot, Linen's
+    `OptimizedLSTMCell`) take the same rules per step-slice, the steps as
+    weight batch dims. A leaf used at several sites (a tied embedding, a
+    layer applied twice, a weight in two scan bodies), a slice of a leaf,
+    or a learned initial `scan` carry has its per-example gradient
+    materialised at each site and summed per example (its norm is measured
+    on the very vectors its sum adds). A leaf used inside a `cond`,
+    `while`, `custom_vjp` or `custom_jvp` (or by an op mixing it with the
+    example in a way not listed) takes exact per-example gradients for that
+    use (`jax.vmap` of the VJP, restricted to it), in the same backward
+    pass, and the first call warns (a `UserWarning` naming the leaves and
+    the op). `f.paths(*args)` says which leaf took which path and
+    `f.explain(*args)` why.
 
     Args:
       loss_fn: `loss_fn(params, example, ...) -> scalar` (or `(scalar, aux)`)
@@ -397,7 +411,8 @@ def ghost_clipped_grad_sum(
       A function `f(*args, l2_norm_clip, mask=None)` returning a
       `ClippedGradSum` (and the per-example aux with `has_aux`), with
       `f.paths(*args) -> {parameter path: "ghost" | "materialised" |
-      "per-example"}`. `l2_norm_clip` is a number or per-layer bounds (a
+      "per-example"}` and `f.explain(*args) -> {parameter path: "<path>:
+      <why>"}`. `l2_norm_clip` is a number or per-layer bounds (a
       pytree or a callable `(path, leaf) -> bound`), as in `clipped_grad_sum`.
 
     Example:
@@ -414,6 +429,8 @@ def ghost_clipped_grad_sum(
       True
       >>> f.paths(params, tokens)
       {"['b']": 'materialised', "['embed']": 'ghost', "['w']": 'materialised'}
+      >>> f.explain(params, tokens)["['w']"]
+      'materialised: one `dot_general` site'
 
     Edge cases:
       Padded rows (`mask`) add exactly zero; an example with a NaN/inf
