@@ -48,6 +48,7 @@ SITE_OPS = frozenset({"dot_general", "conv_general_dilated", "gather", "mul", "a
 _NO_RECORD = frozenset({"add", "add_any", "sub"})  # their weight gradient does not read the other operand
 _ISOMETRIC = frozenset({"reshape", "transpose", "squeeze", "convert_element_type", "copy", "copy_p"})
 _SUMS = frozenset({"add", "add_any"})
+_CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call"})  # param-only: bound as they are, own rules
 CARRY_REASON = "the initial carry of a `scan` (its per-example cotangent is taken there)"
 
 
@@ -286,7 +287,8 @@ class _Graph:
             n = Node("cross", xs, (outer,), (*_pad(outer.flags, len(scope) - 1), xs))
         elif v in self.defs:
             eqn, k = self.defs[v]
-            if eqn.primitive.name == "scan" or list(jcore.jaxprs_in_params(eqn.params)):
+            name = eqn.primitive.name
+            if name == "scan" or (list(jcore.jaxprs_in_params(eqn.params)) and name not in _CUSTOM):
                 raise Unresolved(v)
             children = tuple(self.node(u, cuts, memo) for u in eqn.invars)
             flags = tuple(any(f) for f in zip(*(_pad(c.flags, len(scope)) for c in children), strict=True))
@@ -375,10 +377,11 @@ def _explore(graph: _Graph, leaf: int, memo: dict) -> tuple[dict, dict]:
                     break
                 nxt.append(eqn.params["jaxpr"].jaxpr.invars[k])
                 continue
-            if list(jcore.jaxprs_in_params(eqn.params)):
+            others = [u for j, u in enumerate(eqn.invars) if j != k]
+            custom = name in _CUSTOM and not any(_hashable(u) and u in graph.ex for u in others)
+            if list(jcore.jaxprs_in_params(eqn.params)) and not custom:
                 problem = f"`{name}` (an op with a sub-jaxpr the planner does not enter)"
                 break
-            others = [u for j, u in enumerate(eqn.invars) if j != k]
             if any(_hashable(u) and u in graph.ex for u in others):
                 out = eqn.outvars[0]
                 if (

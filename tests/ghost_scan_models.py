@@ -219,7 +219,7 @@ CASES = {
     "fori_loop": (fori_loop, (0, 2, 0)),
     "while_loop": (while_loop, (0, 1, 0)),
     "cond_switch": (cond_switch, (0, 1, 2)),
-    "remat_pjit_custom_vjp": (remat_pjit_custom_vjp, (0, 1, 1)),
+    "remat_pjit_custom_vjp": (remat_pjit_custom_vjp, (0, 2, 0)),
     "stacked_scan": (stacked_scan, (0, 2, 0)),
     "stacked_rnn": (stacked_rnn, (0, 2, 0)),
     "fused_concat": (fused_concat, (4, 4, 0)),
@@ -440,3 +440,23 @@ CASES |= {
     "nnx_tied_rms_mha": (nnx_tied_rms_mha, None),
     "equinox_gru_learned_init": (equinox_gru_learned_init, None),
 }
+
+
+def param_only_custom_rules():
+    """Param-only `custom_jvp` (`jax.nn.softplus`, `jax.nn.relu` of a weight) and `custom_vjp`
+    functions before a dense layer (weight reparametrisations): bound as they are, not cut."""
+
+    @jax.custom_vjp
+    def halve_grad(w):
+        return w
+
+    halve_grad.defvjp(lambda w: (w, None), lambda _, g: (g / 2,))
+
+    def loss(p, x):
+        w = jax.nn.softplus(p["w"]) - jax.nn.relu(p["v"])
+        return jnp.sum(jnp.tanh(x @ halve_grad(w)) ** 2)
+
+    return loss, {"w": _normal(1, D, D, scale=0.4), "v": _normal(2, D, D, scale=0.4)}, _x()
+
+
+CASES["param_only_custom_rules"] = (param_only_custom_rules, (0, 2, 0))
