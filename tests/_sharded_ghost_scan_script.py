@@ -59,7 +59,6 @@ def main():
     for name, clip in (
         ("stacked_rnn", 0.1),
         ("fused_concat", per_layer),
-        ("tied_embedding", 0.1),
         ("gru_learned_init", 0.1),
         ("linen_optimized_lstm", 0.1),
     ):
