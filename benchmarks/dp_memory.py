@@ -55,7 +55,9 @@ def _xent(logits, y):
 def _abstract_nnx(build):
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param, ...)
     concrete = lambda v: (  # noqa: E731
-        jax.random.key(0) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) else jnp.zeros(v.shape, v.dtype)
+        jax.random.key(0)
+        if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+        else jnp.zeros(v.shape, v.dtype)
     )
     return graphdef, params, jax.tree.map(concrete, rest)
 
@@ -158,7 +160,9 @@ def convnet(classes=10, size=32):
 
     def make_batch(batch, concrete=False):
         if not concrete:
-            return jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32)
+            return jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32), jax.ShapeDtypeStruct(
+                (batch,), jnp.int32
+            )
         rng = np.random.default_rng(0)
         return (
             jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32),
@@ -224,7 +228,10 @@ def largest_batch(model: str, variant: str, log) -> tuple[int, dict]:
     while batch <= MAX_BATCH:
         t0 = time.perf_counter()
         tried[batch] = step_bytes(model, variant, batch)
-        log(f"  {model} {variant} batch {batch}: {tried[batch] / 2**30:.2f} GiB ({time.perf_counter() - t0:.0f} s)")
+        log(
+            f"  {model} {variant} batch {batch}: {tried[batch] / 2**30:.2f} GiB "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
         if tried[batch] > BUDGET:
             break
         best, batch = batch, batch * 2
@@ -235,9 +242,7 @@ def time_per_example(model: str, variant: str, batch: int, repeats: int) -> floa
     """Seconds per example of the step at `batch` (concrete params, one warm-up step)."""
     abstract, batch_loss, make_batch = MODELS[model]()
     rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.02, s.dtype), abstract
-    )
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.02, s.dtype), abstract)
     steps, _ = variants(batch_loss, batch)
     step, tx = steps[variant]
     state = tx.init(params)
@@ -268,7 +273,9 @@ def main(argv=None):
         n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
         _, ghost = variants(batch_loss, 2)
         paths = ghost.paths(params, *make_batch(2, concrete=True))
-        counts = {k: sum(1 for v in paths.values() if v == k) for k in ("ghost", "materialised", "per-example")}
+        counts = {
+            k: sum(1 for v in paths.values() if v == k) for k in ("ghost", "materialised", "per-example")
+        }
         log(f"{model}: {n / 1e6:.1f}M parameters, ghost paths {counts}")
         row = {"model": model, "params": n, "paths": counts}
         for variant in ("ghost", "vmap", "non-private"):
@@ -279,7 +286,10 @@ def main(argv=None):
                 if b:
                     row[variant]["time_batch"] = b
                     row[variant]["s_per_example"] = time_per_example(model, variant, b, args.repeats)
-                    log(f"  {model} {variant}: {row[variant]['s_per_example'] * 1e3:.1f} ms/example at batch {b}")
+                    log(
+                        f"  {model} {variant}: {row[variant]['s_per_example'] * 1e3:.1f} ms/example "
+                        f"at batch {b}"
+                    )
         rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     pathlib.Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
@@ -303,12 +313,17 @@ def markdown(rows) -> str:
             t = [f"{x['s_per_example'] * 1e3:.1f}" for x in (g, v, np_)]
             tr = g["s_per_example"] / np_["s_per_example"]
             timing = " / ".join(t) + f" ms (batch {g['time_batch']})"
-            time_goal = f"{tr:.2f}x " + ("PASS" if tr <= 1.3 else "MISS") if GOALS[r["model"]] else f"{tr:.2f}x (no goal)"
+            time_goal = (
+                f"{tr:.2f}x " + ("PASS" if tr <= 1.3 else "MISS")
+                if GOALS[r["model"]]
+                else f"{tr:.2f}x (no goal)"
+            )
         else:
             timing, time_goal = "not timed", "-"
         p = r["paths"]
         lines.append(
-            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {p['ghost']}/{p['materialised']}/{p['per-example']} | "
+            f"| {r['model']} | {r['params'] / 1e6:.1f}M | "
+            f"{p['ghost']}/{p['materialised']}/{p['per-example']} | "
             f"{g['batch']} / {v['batch']} / {np_['batch']} | {batch_goal} | {timing} | {time_goal} |"
         )
     return "\n".join(lines) + "\n"

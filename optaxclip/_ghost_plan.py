@@ -474,10 +474,6 @@ def _simple_chain(node: Node, leaf: int) -> tuple | None:
     return tuple(reversed(chain)) if node.arg == leaf else None
 
 
-def _literal(v) -> bool:
-    return isinstance(v, jcore.Literal)
-
-
 def is_isometric_dag(node: Node) -> bool:
     """Whether `W = F(leaves)` keeps norms: each leaf read once, through concatenations, reshapes,
     transposes, float casts and scan crossings, every operand of an op varying over the same steps."""
@@ -667,7 +663,3 @@ def _bind_stacked(eqn, vals: list, flags: list, out_flags: tuple, f32: bool) -> 
         axes = [0 if fl[k] else None for fl in flags]
         f = jax.vmap(f, in_axes=axes)
     return f(*vals)
-
-
-def describe(graph_eqn) -> str:
-    return graph_eqn.primitive.name
