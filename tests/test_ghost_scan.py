@@ -193,8 +193,17 @@ def _offset_cases():
         h = x @ p["w"]
         return centred(h) + centred(jax.lax.scan(lambda c, ht: (c, jnp.sin(ht @ p["w"])), 0.0, h)[1])
 
+    def fused_wide(p, x):  # ghost norms: 2 positions, 24 x 96 fused kernel, stacked over 2 layers
+        def layer(h, lp):
+            return jnp.sin(h @ jnp.concatenate([lp[f"k{i}"] for i in range(4)], axis=1))[:, :24], None
+
+        return centred(jax.lax.scan(layer, x, p)[0])
+
     fused_p = {f"k{i}": w(sm.D, sm.H) for i in range(4)} | {f"b{i}": w(2 * sm.H) for i in range(2)}
+    wide_p = {f"k{i}": w(2, 24, 24) for i in range(4)}
+    wide_x = adversarial._offsets(1, (2, 24))
     return [
+        adversarial.Adversary("fused_stacked_ghost", wide_p, fused_wide, wide_x, 5e-7),
         adversarial.Adversary("stacked_scan", {"w": w(3, sm.D, sm.D)}, stacked, off, 1e-3),
         adversarial.Adversary("fused_concat", fused_p, fused, off, 0.1),
         adversarial.Adversary("sliced_kernel", {"w": w(sm.D, 3 * sm.H)}, sliced, off, 0.1),
@@ -205,6 +214,9 @@ def _offset_cases():
 
 @pytest.mark.parametrize("adv", _offset_cases(), ids=lambda a: a.name)
 def test_new_paths_keep_the_sensitivity_bound_on_offset_inputs(adv):
+    if adv.name == "fused_stacked_ghost":  # the lifted ghost rule, per step-slice of a fused stack
+        paths = optaxclip.ghost_clipped_grad_sum(adv.loss_fn).paths(adv.params, adv.x)
+        assert set(paths.values()) == {"ghost"}, paths
     got, norms = adversarial.contributions(optaxclip.ghost_clipped_grad_sum, adv)
     assert np.all(norms > adv.clip), norms  # every example is clipped
     assert np.max(got) <= adv.clip * (1 + 1e-5), got / adv.clip
