@@ -14,7 +14,11 @@ leaves take exact per-example gradients, in the same backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +27,8 @@ import jax.numpy as jnp
 
 from . import _checks, _norms
 from . import _ghost_ops as ops
-from ._ghost_plan import GHOST, MATERIALISED, PER_EXAMPLE, Plan, make_plan
+from . import _ghost_parts as parts
+from ._ghost_plan import CARRY_REASON, GHOST, MATERIALISED, PER_EXAMPLE, Plan, make_plan
 from ._ghost_trace import Taps, Traced, evaluate, trace_example
 from ._per_example import (
     ClippedGradSum,
@@ -42,22 +47,88 @@ F32 = jnp.float32
 __all__ = ["GHOST", "MATERIALISED", "PER_EXAMPLE", "ghost_clipped_grad_sum"]
 
 
-def _analyse(loss_fn, args, argnums, batch_argnums, has_aux) -> tuple[Traced, Plan, dict[int, str]]:
-    """The traced loss, its plan, and each tapped leaf's mode (ghost or materialised)."""
+@dataclasses.dataclass
+class _Analysis:
+    """The traced loss, its plan, the lifted endpoints and each rule site's mode (ghost or materialised)."""
+
+    traced: Traced
+    plan: Plan
+    lifted: list  # `_ghost_parts.Lifted`
+    modes: dict  # rule site leaf -> ghost | materialised
+
+
+def _analyse(loss_fn, args, argnums, batch_argnums, has_aux) -> _Analysis:
     traced = trace_example(loss_fn, args, argnums, batch_argnums, has_aux)
     plan = make_plan(traced.jaxpr, traced.n_params)
-    return traced, plan, ops.choose_modes(plan.sites)
+    ids = {"records": len(plan.records), "points": len(plan.point_shapes)}
+    lifted = [parts.lift(e, ids) for e in plan.endpoints if plan.kind[e.leaves[0]] == "lifted"]
+    modes = ops.choose_modes([*plan.sites, *(lf.site for lf in lifted)])
+    return _Analysis(traced, plan, lifted, modes)
 
 
-def _backward(traced: Traced, plan: Plan, leaves: list, examples: list, batch: int):
+def _labels(an: _Analysis) -> dict[int, tuple[str, str]]:
+    """Each leaf's path and why (`paths()` and `explain()`)."""
+    plan, out = an.plan, {}
+    group = {i: lf for lf in an.lifted for i in lf.endpoint.leaves}
+    for i, kind in plan.kind.items():
+        if kind == "simple":
+            site = next(s for s in plan.sites if s.leaf == i)
+            scans = f" inside {len(site.scans)} scan(s)" if site.scans else ""
+            out[i] = (an.modes[i], f"one `{site.kind}` site{scans}")
+        elif kind == "lifted":
+            lf = group[i]
+            e = lf.endpoint
+            how = []
+            if len(e.leaves) > 1:
+                how.append(f"fused with {len(e.leaves) - 1} other leaves into one kernel")
+            if lf.sliced:
+                how.append(f"a per-step slice of a stack over {len(lf.sliced)} scan(s)")
+            out[i] = (an.modes[e.leaves[0]], f"one `dot_general` site, {' and '.join(how) or 'reshaped'}")
+        elif kind == "multi":
+            ends = [e for e in plan.endpoints if i in e.leaves]
+            why = plan.reasons.get(i)
+            if why is not None:
+                out[i] = (PER_EXAMPLE, f"the cotangent of a value computed from it, used by {why}")
+                continue
+            sites = [e for e in ends if e.kind == "site"]
+            what = ", ".join(sorted({f"`{e.eqn.primitive.name}`" for e in sites}))
+            what = f"{len(sites)} sites ({what})" if len(sites) > 1 else f"one {what} site"
+            if any(e.sliced and any(e.sliced) for e in sites):
+                what += ", per step-slice of a stack under `scan`"
+            if any(e.kind == "cut" for e in ends):
+                what += " and the initial carry of a `scan`"
+            out[i] = (MATERIALISED, f"per-example gradient materialised at {what}, summed per example")
+        elif kind == "fallback":
+            why = plan.reasons[i]
+            label = MATERIALISED if why == CARRY_REASON else PER_EXAMPLE
+            out[i] = (label, f"used by {why}")
+        else:
+            out[i] = (MATERIALISED, "does not reach the loss with a gradient (its gradient is 0)")
+    return out
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` of the first caller outside optaxclip and JAX (under `jit`, microbatches)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    jax_dir = os.path.dirname(os.path.abspath(jax.__file__))
+    frame, level = sys._getframe(2), 2  # level 1: `on_plan`, which calls `warnings.warn`
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(here) or name.startswith(jax_dir) or name.endswith("functools.py")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
+
+
+def _backward(an: _Analysis, leaves: list, examples: list, batch: int):
     """One forward and one backward pass of the batched loss with the taps on.
 
-    Returns `(records, G per perturbation, per-example grads of the fallback
-    leaves, their indices, aux)`; records by id (an input record is the
-    batched argument itself).
+    Returns `(records, bdims, G per perturbation, per-example grads of the
+    fallback leaves, their indices, aux)`; records by id (an input record is
+    the batched argument itself).
     """
-    tapped = plan.tapped()
-    fallback = [i for i in range(len(leaves)) if i not in tapped]
+    traced, plan = an.traced, an.plan
+    fallback = plan.fallback()
     recorded = list(plan.record_ids.values())
     inner = lambda eqn: plan.inner.get(id(eqn), ([], []))
     # Arrays of a scan's steps are time-major, `[steps..., B, ...]`, as the scans stack them.
@@ -79,10 +150,19 @@ def _backward(traced: Traced, plan: Plan, leaves: list, examples: list, batch: i
     losses, vjp_fn, (recs, aux) = jax.vjp(lambda fb, zs: batched(fb, zs, examples), fb, zs, has_aux=True)
     g_fb, g_zs = vjp_fn(jnp.ones_like(losses))
     records = dict(zip(recorded, recs, strict=True))
+    bdims = {}
     for rid, r in enumerate(plan.records):
         if r.source is not None:
             records[rid] = examples[r.source]
-    return records, g_zs, g_fb, fallback, aux
+        bdims[rid] = 0 if r.source is not None else len(r.scans)
+    g_zs = dict(enumerate(g_zs))
+    for lf in an.lifted:  # the lifted sites' views of their records and `G`
+        g_zs.setdefault(lf.site.point, parts.lift_g(lf, g_zs[lf.endpoint.point]))
+        for key, (rid, rflags) in lf.record_map.items():
+            if key not in records:
+                records[key] = parts.lift_record(lf, records[rid], bdims[rid], rflags)
+                bdims[key] = 0
+    return records, bdims, g_zs, g_fb, fallback, aux
 
 
 def _steps(scans) -> tuple[int, ...]:
@@ -97,11 +177,10 @@ def _zeros(shape, dtype, like) -> jax.Array:
     return z
 
 
-def _site_records(plan, site, records: dict) -> tuple[list, list, list]:
+def _site_records(site, records: dict, bdims: dict) -> tuple[list, list, list]:
     """The site's record arrays, their batch axes and their step flags, in operand order."""
     used = [r for r in site.records if r is not None]
-    bdims = [0 if plan.records[rid].source is not None else len(plan.records[rid].scans) for rid, _ in used]
-    return [records[rid] for rid, _ in used], bdims, [flags for _, flags in used]
+    return [records[rid] for rid, _ in used], [bdims[rid] for rid, _ in used], [flags for _, flags in used]
 
 
 def _rule(site, modes) -> str:
@@ -116,38 +195,57 @@ def _rule(site, modes) -> str:
     return "embedding" if ops.is_embedding(site) else "kept"
 
 
-def _centres(plan, modes, records, g_zs) -> dict:
+def _centres(sites, modes, records, bdims, g_zs) -> dict:
     """The dense sites' per-example record means and `G` sums (read by the norms and the sums)."""
     centres: dict = {}
-    for site in plan.sites:
+    for site in sites:
         if site.kind == "dot_general" and site.isometric:
-            recs, bdims, flags = _site_records(plan, site, records)
-            ops.dot_centres(site, recs[0], bdims[0], flags[0], g_zs[site.point], centres)
+            recs, bd, flags = _site_records(site, records, bdims)
+            ops.dot_centres(site, recs[0], bd[0], flags[0], g_zs[site.point], centres)
     return centres
 
 
-def _leaf_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, centres) -> tuple[list, dict]:
-    """Each leaf's certified per-example norms (`ops.Norm`), and the per-example gradients of the
-    leaves whose sum adds them as measured (`kept`)."""
-    norms: list = [None] * len(leaves)
-    kept: dict = {}
+def _multi_grads(an: _Analysis, ends: list, leaves, records, bdims, g_zs) -> dict:
+    """The materialised leaves' per-example gradients: each endpoint's `V_e` pulled back, summed."""
+    per: dict = {}
+    for e in ends:
+        recs, bd, _ = _site_records(e, records, bdims) if e.kind == "site" else ([], [], [])
+        v = parts.endpoint_grads(e, recs, bd, g_zs[e.point])
+        for i, g in zip(e.leaves, parts.pullback(e, leaves, an.plan.consts, v, batched=True), strict=True):
+            per[i] = g if i not in per else per[i] + g
+    return per
+
+
+def _leaf_norms(an, sites, lifted, leaves, records, bdims, g_zs, kept, centres) -> dict:
+    """Each rule site's certified per-example norms (`ops.Norm`, by its leaf) and the per-example
+    gradients of the leaves whose sum adds them as measured (`kept`, filled in)."""
+    norms: dict = {}
     cache: dict = {}
-    for site in plan.sites:
-        recs, bdims, flags = _site_records(plan, site, records)
-        g, leaf, rule = g_zs[site.point], leaves[site.leaf], _rule(site, modes)
+    modes = an.modes
+    by_site = {id(lf.site): lf for lf in lifted}
+    for site in sites:
+        recs, bd, flags = _site_records(site, records, bdims)
+        g, rule, lf = g_zs[site.point], _rule(site, modes), by_site.get(id(site))
+        leaf = leaves[site.leaf] if site.leaf >= 0 and lf is None else None
         if rule == "dot":
-            norms[site.leaf] = ops.dot_norm(site, leaf, recs[0], bdims[0], flags[0], g, centres, cache)
+            norms[site.leaf] = ops.dot_norm(site, leaf, recs[0], bd[0], flags[0], g, centres, cache)
         elif rule == "embedding":
-            norms[site.leaf] = ops.embedding_norm(site, recs, bdims, flags, g)
+            norms[site.leaf] = ops.embedding_norm(site, recs, bd, flags, g)
         elif site.kind == "dot_general" and site.isometric:  # materialised: centred, then kept
-            kept[site.leaf] = ops.dot_per_example(site, leaf, recs[0], bdims[0], flags[0], g, centres)
+            per = ops.dot_per_example(site, leaf, recs[0], bd[0], flags[0], g, centres)
+            if lf is None:
+                kept[site.leaf] = per
+                continue
+            # A lifted site's `W` is a view of its leaves (a stack, a concatenation): each leaf's
+            # per-example gradient is its part of `per`, kept and summed as measured.
+            pulled = parts.pullback(lf.endpoint, leaves, an.plan.consts, per, batched=True)
+            for i, t in zip(lf.endpoint.leaves, pulled, strict=True):
+                kept[i] = t if i not in kept else kept[i] + t
         else:
-            kept[site.leaf] = ops.per_example_grads(site, leaf, recs, bdims, flags, g)
-    for i, g in zip(fallback, g_fb, strict=True):
-        kept[i] = g
+            kept[site.leaf] = ops.per_example_grads(site, leaf, recs, bd, flags, g)
     for i, per in kept.items():
         norms[i] = ops.exact(per)
-    return norms, kept
+    return norms
 
 
 def _row(v: jax.Array, x: jax.Array, bdim: int) -> jax.Array:
@@ -162,40 +260,53 @@ def _keep(ok: jax.Array, x: jax.Array, bdim: int = 0) -> jax.Array:
     return jnp.where(_row(ok, x, bdim), x, jnp.zeros((), x.dtype))
 
 
-def _sums(plan, modes, leaves, records, g_zs, kept, centres, weights, ok) -> list:
+def _sums(an, sites, lifted, leaves, records, bdims, g_zs, kept, centres, weights, ok) -> list:
     """Each leaf's clipped sum (float32): the sites' weighted VJPs, the kept gradients' weighted sums.
 
     The masked records and the masked, weighted cotangents are made once and
     shared by the sites that read them (an LSTM gate's input kernel, hidden
     kernel and bias share one `G`; with one global clip factor, one weighted
-    copy serves them all).
+    copy serves them all). A lifted site's sum is taken in its `W`'s space
+    and pulled back to its leaves.
     """
+    modes = an.modes
     sums: list = [None] * len(leaves)
     shared: dict = {}
     keep = lambda x, bdim: _keep(ok, x, bdim)
-    for site in plan.sites:
+    by_site = {id(lf.site): lf for lf in lifted}
+    for site in sites:
         if site.leaf in kept:
             continue
-        recs, bdims, flags = _site_records(plan, site, records)
+        recs, bd, flags = _site_records(site, records, bdims)
         rids = [r[0] for r in site.records if r is not None]
         s, w = len(site.scans), weights[site.leaf]
         if (site.point, id(w)) not in shared:
             g = keep(g_zs[site.point], s)
             shared[site.point, id(w)] = g.astype(F32) * _row(w, g, s)  # float32: see ops.weighted_sum
         wg = shared[site.point, id(w)]
+        lf = by_site.get(id(site))
+        leaf = None if lf is not None else leaves[site.leaf]
         if _rule(site, modes) == "dot":
             _, g_key = ops.gram_keys(site)
             ws = keep(centres[g_key], 0) * w[:, None, None]
-            total = ops.dot_sum(site, leaves[site.leaf], recs[0], bdims[0], flags[0], wg, ws, keep, centres)
+            total = ops.dot_sum(site, leaf, recs[0], bd[0], flags[0], wg, ws, keep, centres)
         else:
-            for rid, r, d in zip(rids, recs, bdims, strict=True):
+            for rid, r, d in zip(rids, recs, bd, strict=True):
                 if rid not in shared:
                     shared[rid] = keep(r, d)
-            total = ops.weighted_sum(site, leaves[site.leaf], [shared[rid] for rid in rids], bdims, wg)
-        sums[site.leaf] = total.astype(F32)
+            total = ops.weighted_sum(site, leaf, [shared[rid] for rid in rids], bd, wg)
+        if lf is None:
+            sums[site.leaf] = total.astype(F32)
+            continue
+        pulled = parts.pullback(lf.endpoint, leaves, an.plan.consts, total, batched=False)
+        for i, t in zip(lf.endpoint.leaves, pulled, strict=True):
+            sums[i] = t.astype(F32)
     for i, per in kept.items():
         per = keep(per.astype(F32), 0)
         sums[i] = jnp.tensordot(weights[i], per, axes=1, precision=jax.lax.Precision.HIGHEST)
+    for i, t in enumerate(sums):
+        if t is None:  # no gradient reaches the loss
+            sums[i] = jnp.zeros(jnp.shape(leaves[i]), F32)
     return sums
 
 
@@ -206,26 +317,41 @@ def _weight(cert: jax.Array, bound: jax.Array, ok: jax.Array) -> jax.Array:
     return jnp.where(ok, factor, 0.0)
 
 
-def _clipped_sum(loss_fn, argnums, batch_argnums, has_aux, args, real, bounds, clip):
+def _clipped_sum(loss_fn, argnums, batch_argnums, has_aux, on_plan, args, real, bounds, clip):
     """`(clipped sums, norms, aux)` of the examples in `args` (the whole batch or one microbatch)."""
     leaves, treedef = jax.tree.flatten(args[argnums])
-    traced, plan, modes = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
+    an = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
+    on_plan(an, args)
+    plan = an.plan
     examples = [x for i in batch_argnums for x in jax.tree.leaves(args[i])]
-    records, g_zs, g_fb, fallback, aux = _backward(traced, plan, leaves, examples, real.shape[0])
-    centres = _centres(plan, modes, records, g_zs)
+    batch = real.shape[0]
+    records, bdims, g_zs, g_fb, fallback, aux = _backward(an, leaves, examples, batch)
+    # Per-layer bounds need each leaf's own norm: a fused group is materialised per leaf then.
+    lifted = [lf for lf in an.lifted if bounds is None or len(lf.endpoint.leaves) == 1]
+    multi = [e for e in plan.endpoints if plan.kind[e.leaves[0]] == "multi"]
+    multi += [lf.endpoint for lf in an.lifted if lf not in lifted]
+    sites = [*plan.sites, *(lf.site for lf in lifted)]
+    centres = _centres(sites, an.modes, records, bdims, g_zs)
     # The norms and the sums read the same bits: XLA could otherwise compute a bfloat16 `G` (or a
     # mean, a sum) twice, rounded or ordered differently in each consumer.
     records, g_zs, g_fb, centres = jax.lax.optimization_barrier((records, g_zs, g_fb, centres))
-    parts, kept = _leaf_norms(plan, modes, leaves, records, g_zs, g_fb, fallback, centres)
-    norms = _norms.combine_rows([n.est for n in parts])
-    cert = _norms.combine_rows([n.cert for n in parts]) * (1.0 + ops.gamma(len(parts) + 4))
+    kept = _multi_grads(an, multi, leaves, records, bdims, g_zs)
+    for i, g in zip(fallback, g_fb, strict=True):
+        kept[i] = g
+    parts_ = _leaf_norms(an, sites, lifted, leaves, records, bdims, g_zs, kept, centres)
+    if parts_:
+        norms = _norms.combine_rows([n.est for n in parts_.values()])
+        cert = _norms.combine_rows([n.cert for n in parts_.values()]) * (1.0 + ops.gamma(len(parts_) + 4))
+    else:
+        norms = cert = jnp.zeros((batch,), F32)
     ok = real & jnp.isfinite(norms)
     if bounds is None:  # one global factor: one weights array, so sites sharing a `G` share its copy
         weights = [_weight(cert, clip, ok)] * len(leaves)
     else:
-        weights = [_weight(n.cert, b, ok) for n, b in zip(parts, bounds, strict=True)]
-    sums = _sums(plan, modes, leaves, records, g_zs, kept, centres, weights, ok)
-    aux = jax.tree.unflatten(traced.aux_tree, aux) if has_aux else None
+        zero = ops.Norm(jnp.zeros((batch,), F32), jnp.zeros((batch,), F32))
+        weights = [_weight(parts_.get(i, zero).cert, b, ok) for i, b in enumerate(bounds)]
+    sums = _sums(an, sites, lifted, leaves, records, bdims, g_zs, kept, centres, weights, ok)
+    aux = jax.tree.unflatten(an.traced.aux_tree, aux) if has_aux else None
     return treedef.unflatten(sums), norms, aux
 
 
@@ -258,11 +384,22 @@ def ghost_clipped_grad_sum(
     sites anyway and cost fewer flops, as an LSTM's input kernels beside
     its hidden ones). A ghost site's clipped sum is the op's VJP at the
     factor-weighted `G` (one matmul for a dense layer); a materialised
-    site's per-example gradients are summed as measured. A leaf used twice (a tied
-    embedding, a layer applied twice), used inside a `custom_jvp`, `cond`
-    or `while`, or through an op not listed takes exact per-example
-    gradients (`jax.vmap` of the VJP, restricted to those leaves), in the
-    same backward pass. `f.paths(*args)` says which leaf took which path.
+    site's per-example gradients are summed as measured. Layers stacked
+    under a `scan` over layers (`nnx.scan` over `nnx.vmap`-built blocks,
+    Linen `nn.scan`, `lax.scan` with stacked params as `xs`) and fused
+    kernels (gate kernels concatenated before one dot, Linen's
+    `OptimizedLSTMCell`) take the same rules per step-slice, the steps as
+    weight batch dims. A leaf used at several sites (a tied embedding, a
+    layer applied twice, a weight in two scan bodies), a slice of a leaf,
+    or a learned initial `scan` carry has its per-example gradient
+    materialised at each site and summed per example (its norm is measured
+    on the very vectors its sum adds). A leaf used inside a `cond`,
+    `while`, `custom_vjp` or `custom_jvp` (or by an op mixing it with the
+    example in a way not listed) takes exact per-example gradients for that
+    use (`jax.vmap` of the VJP, restricted to it), in the same backward
+    pass, and the first call warns (a `UserWarning` naming the leaves and
+    the op). `f.paths(*args)` says which leaf took which path and
+    `f.explain(*args)` why.
 
     Args:
       loss_fn: `loss_fn(params, example, ...) -> scalar` (or `(scalar, aux)`)
@@ -285,7 +422,8 @@ def ghost_clipped_grad_sum(
       A function `f(*args, l2_norm_clip, mask=None)` returning a
       `ClippedGradSum` (and the per-example aux with `has_aux`), with
       `f.paths(*args) -> {parameter path: "ghost" | "materialised" |
-      "per-example"}`. `l2_norm_clip` is a number or per-layer bounds (a
+      "per-example"}` and `f.explain(*args) -> {parameter path: "<path>:
+      <why>"}`. `l2_norm_clip` is a number or per-layer bounds (a
       pytree or a callable `(path, leaf) -> bound`), as in `clipped_grad_sum`.
 
     Example:
@@ -302,6 +440,8 @@ def ghost_clipped_grad_sum(
       True
       >>> f.paths(params, tokens)
       {"['b']": 'materialised', "['embed']": 'ghost', "['w']": 'materialised'}
+      >>> f.explain(params, tokens)["['w']"]
+      'materialised: one `dot_general` site'
 
     Edge cases:
       Padded rows (`mask`) add exactly zero; an example with a NaN/inf
@@ -342,12 +482,39 @@ def ghost_clipped_grad_sum(
     if microbatch_size is not None:
         _checks.integer_at_least(fn, "microbatch_size", microbatch_size, 1, concrete=True)  # a shape
 
-    def paths(*args) -> dict[str, str]:
+    def _labelled(args) -> dict[str, tuple[str, str]]:
         _batch_size(fn, args, batch_argnums)
         _check_wrt_dtypes(fn, args, (argnums,))
-        _, _, modes = _analyse(loss_fn, args, argnums, batch_argnums, has_aux)
+        labels = _labels(_analyse(loss_fn, args, argnums, batch_argnums, has_aux))
         flat, _ = jax.tree_util.tree_flatten_with_path(args[argnums])
-        return {jax.tree_util.keystr(k): modes.get(i, PER_EXAMPLE) for i, (k, _) in enumerate(flat)}
+        return {jax.tree_util.keystr(k): labels[i] for i, (k, _) in enumerate(flat)}
+
+    def paths(*args) -> dict[str, str]:
+        return {k: path for k, (path, _) in _labelled(args).items()}
+
+    def explain(*args) -> dict[str, str]:
+        return {k: f"{path}: {why}" for k, (path, why) in _labelled(args).items()}
+
+    warned: list = []
+
+    def on_plan(an: _Analysis, args) -> None:
+        """Warns once per function when some leaves take per-example gradients (issue 28)."""
+        if warned:
+            return
+        warned.append(True)
+        labels = _labels(an)
+        slow = [i for i, (path, _) in labels.items() if path == PER_EXAMPLE]
+        if not slow:
+            return
+        flat, _ = jax.tree_util.tree_flatten_with_path(args[argnums])
+        names = ", ".join(f"{jax.tree_util.keystr(flat[i][0])} ({labels[i][1]})" for i in slow[:8])
+        more = f" and {len(slow) - 8} more" if len(slow) > 8 else ""
+        warnings.warn(
+            f"{fn}: {len(slow)} parameter leaves take exact per-example gradients (the vmap path's "
+            f"memory for them): {names}{more}. `f.explain(*args)` says why for every leaf.",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
 
     def run(*args, l2_norm_clip, mask=None):
         batch = _batch_size(fn, args, batch_argnums)
@@ -356,7 +523,7 @@ def ghost_clipped_grad_sum(
         bounds = _layer_bounds(fn, l2_norm_clip, args[argnums])
         clip = jnp.asarray(l2_norm_clip, F32) if bounds is None else layer_sensitivity(bounds)
         real = _row_mask(mask, batch, fn)
-        chunk_sum = functools.partial(_clipped_sum, loss_fn, argnums, batch_argnums, has_aux)
+        chunk_sum = functools.partial(_clipped_sum, loss_fn, argnums, batch_argnums, has_aux, on_plan)
         if microbatch_size is None:
             grads, norms, aux = chunk_sum(args, real, bounds, clip)
         else:
@@ -371,4 +538,5 @@ def ghost_clipped_grad_sum(
         return (result, aux) if has_aux else result
 
     run.paths = paths
+    run.explain = explain
     return run

@@ -297,11 +297,12 @@ class PathsTest(parameterized.TestCase):
         assert {paths[k] for k in paths if k not in kernels} == {"materialised"}  # norms, biases, positions
 
     @parameterized.named_parameters(*[(n, n) for n in gm.MODELS])
-    def test_only_leaves_used_twice_take_per_example_gradients(self, name):
+    def test_no_leaf_takes_per_example_gradients_leaves_used_twice_are_materialised(self, name):
         m = gm.MODELS[name]()
         paths = optaxclip.ghost_clipped_grad_sum(m.loss_fn, batch_argnums=(1, 2)).paths(m.params, *m.batch)
+        assert "per-example" not in paths.values(), paths
         tied = {k for k in paths if any(k.startswith(f"['{t}']") for t in gm.TIED.get(name, ()))}
-        assert {k for k, v in paths.items() if v == "per-example"} == tied
+        assert all(paths[k] == "materialised" for k in tied), paths  # issue 27: summed over its sites
 
     def test_ghost_or_materialised_by_per_example_memory(self):
         # A dense kernel C x F over N positions is ghost while 2 N^2 < C F: 8 x 32 at N = 11 (242 < 256)

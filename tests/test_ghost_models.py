@@ -3,8 +3,8 @@
 tests/test_ghost.py tests the ghost path in depth; this file checks the zoo
 itself (finite one-example losses, the vmap path's sum against the summed
 loss's gradient), that the ghost path equals the vmap path on every model,
-and issue 21's coverage: `.paths()` puts every leaf on a ghost or
-materialised path except the leaves a model uses twice. One compile per
+and issue 21's and 27's coverage: `.paths()` puts every leaf on a ghost or
+materialised path (a leaf used twice: materialised per site and summed). One compile per
 model (`pytest -s` prints the path counts).
 """
 
@@ -66,10 +66,11 @@ def test_model_runs_and_both_paths_agree(name):
     paths = fast.paths(model.params, *model.batch)
     keys = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(model.params)[0]]
     assert sorted(paths) == sorted(keys) and set(paths.values()) <= PATHS, paths
-    # Issue 21: every leaf takes a ghost or materialised path, except a leaf that reaches the loss
-    # twice (a tied embedding, a layer applied twice), which stays exact (per-example).
+    # Issues 21 and 27: every leaf takes a ghost or materialised path; a leaf that reaches the loss
+    # twice (a tied embedding, a layer applied twice) has its per-site gradients materialised and summed.
     tied = [k for k in keys if any(k.startswith(f"['{prefix}']") for prefix in gm.TIED.get(name, ()))]
-    assert [k for k in keys if paths[k] == "per-example"] == tied, paths
+    assert "per-example" not in paths.values(), paths
+    assert all(paths[k] == "materialised" for k in tied), paths
     print(name, dict(collections.Counter(paths.values())))  # pytest -s: the paths per model
 
 
