@@ -23,9 +23,10 @@ test: $(VENV)/.installed-dev,examples,dp
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -n auto -m "not distributed"
 
-# DP-SGD across 2 processes x 4 CPU devices (jax.distributed, gloo): about a minute.
+# The multi-device tests (8 forced host CPU devices, each in a subprocess: shard_map, FSDP
+# sharding) and DP-SGD across 2 processes x 4 CPU devices (jax.distributed, gloo): a few minutes.
 test-distributed: $(VENV)/.installed-dev,examples,dp
-	$(PY) -m pytest -p no:xdist -m distributed tests/test_distributed.py
+	$(PY) -m pytest -n auto -m distributed
 
 # The documentation site (Sphinx + MyST, docs/): warnings are errors. Open docs/_build/html/index.html.
 docs: $(VENV)/.installed-docs,dp

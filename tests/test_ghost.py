@@ -386,6 +386,7 @@ class UsageTest(chex.TestCase):
         np.testing.assert_allclose(fast.norms, slow.norms, rtol=RTOL)
         assert_close(fast.grads, slow.grads)
 
+    @pytest.mark.distributed  # 8 forced host devices in a subprocess: make test-distributed
     def test_shard_map_with_replicated_params_equals_one_device(self):
         script = pathlib.Path(__file__).with_name("_sharded_ghost_script.py")
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

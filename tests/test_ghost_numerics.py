@@ -174,8 +174,9 @@ def test_property_every_example_within_the_bound(kind, width, positions, offset,
 # --- No over-clipping where nothing is wrong: the zoo's norms are float64's ----------------------
 
 
-# Linen's LSTM carry is created in float32 whatever the inputs: it does not run in float64.
-@pytest.mark.parametrize("name", sorted(set(gm.MODELS) - {"linen_lstm"}))
+# One model per framework and site kind (test_ghost_models compares every zoo model with the vmap
+# path); Linen's LSTM carry is created in float32 whatever the inputs: it does not run in float64.
+@pytest.mark.parametrize("name", ["mlp", "nnx_lstm", "nnx_conv", "nnx_tied_embedding", "equinox_lstm"])
 def test_zoo_norms_match_float64(name):
     model = gm.MODELS[name]()
     f = optaxclip.ghost_clipped_grad_sum(model.loss_fn, batch_argnums=(1, 2))

@@ -223,6 +223,7 @@ def test_new_paths_keep_the_sensitivity_bound_on_offset_inputs(adv):
     print(adv.name, "max contribution / C", float(np.max(got) / adv.clip))
 
 
+@pytest.mark.distributed  # 8 forced host devices in a subprocess: make test-distributed
 def test_shard_map_with_replicated_params_equals_one_device():
     script = pathlib.Path(__file__).with_name("_sharded_ghost_scan_script.py")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}

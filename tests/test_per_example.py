@@ -312,6 +312,7 @@ class PerLayerClipTest(chex.TestCase):
             fn(params, xs, ys, l2_norm_clip={"w1": float("inf"), "b1": 1.0, "w2": 1.0})
 
 
+@pytest.mark.distributed  # 8 forced host devices in a subprocess: make test-distributed
 def test_per_example_grads_and_clipped_sum_under_shard_map_equal_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = pathlib.Path(__file__).with_name("_sharded_per_example_script.py")

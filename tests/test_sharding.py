@@ -5,7 +5,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.distributed  # 8 forced host devices in a subprocess: make test-distributed
 def test_sharded_norms_and_updates_match_unsharded():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = pathlib.Path(__file__).with_name("_sharded_script.py")
@@ -20,6 +23,7 @@ def test_sharded_norms_and_updates_match_unsharded():
     assert "guard shard_map 8 devices == 1 device" in proc.stdout
 
 
+@pytest.mark.distributed  # 8 forced host devices in a subprocess: make test-distributed
 def test_dp_under_fsdp_sharding_draws_noise_per_shard():
     """Issue 29.1: collectives of the compiled DP step on FSDP-sharded params (see the script)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
