@@ -183,8 +183,10 @@ def layer_norm_near_constant(seed: int = 0) -> Adversary:
     return Adversary("layer_norm_near_constant", params, loss, x, 0.1)
 
 
-def mixed_scales(seed: int = 0) -> Adversary:
-    """Per-feature scales from 1e-6 to 1e6 (with offsets) into a centred dense layer."""
+def mixed_scales(seed: int = 0, width: int = 7) -> Adversary:
+    """Per-feature scales from 1e-6 to 1e6 (with offsets) into a centred dense layer `12 x width`:
+    7 takes the materialised norm; 96 (`mixed_scales_wide`, 9 positions) the Gram (ghost) norm, with
+    a cotangent XLA may compute twice (cosines of arguments near 1e4)."""
 
     def loss(p, x):
         h = x @ p["w"]
@@ -192,22 +194,8 @@ def mixed_scales(seed: int = 0) -> Adversary:
 
     scales = 10.0 ** np.linspace(-6, 6, 12)
     x = np.stack([(o + _normal(seed + i, 9, 12)) * scales for i, o in enumerate(OFFSETS)])
-    params = {"w": _f32(_normal(seed, 12, 7, scale=1e-3)), "v": _f32(_normal(seed + 1, 7))}
-    return Adversary("mixed_scales", params, loss, _f32(x), 1.0)
-
-
-def mixed_scales_wide(seed: int = 0) -> Adversary:
-    """`mixed_scales` with a wide weight (12 x 96, 9 positions): the Gram (ghost) norm, and a loss
-    whose cotangent XLA may compute twice (cosines of arguments near 1e4)."""
-
-    def loss(p, x):
-        h = x @ p["w"]
-        return jnp.sum(jnp.cos(h - h.mean(0, keepdims=True)) * p["v"])
-
-    scales = 10.0 ** np.linspace(-6, 6, 12)
-    x = np.stack([(o + _normal(seed + i, 9, 12)) * scales for i, o in enumerate(OFFSETS)])
-    params = {"w": _f32(_normal(seed, 12, 96, scale=1e-3)), "v": _f32(_normal(seed + 1, 96))}
-    return Adversary("mixed_scales_wide", params, loss, _f32(x), 1.0)
+    params = {"w": _f32(_normal(seed, 12, width, scale=1e-3)), "v": _f32(_normal(seed + 1, width))}
+    return Adversary("mixed_scales" if width == 7 else "mixed_scales_wide", params, loss, _f32(x), 1.0)
 
 
 def many_positions(seed: int = 0) -> Adversary:
@@ -286,7 +274,7 @@ ADVERSARIES_RAW = {
     "gru_offsets": lambda seed=0: recurrent("gru", seed),
     "layer_norm_near_constant": layer_norm_near_constant,
     "mixed_scales": mixed_scales,
-    "mixed_scales_wide": mixed_scales_wide,
+    "mixed_scales_wide": lambda seed=0: mixed_scales(seed, width=96),
     "many_positions": many_positions,
     "softmax_outputs": softmax_outputs,
     "near_equal_difference": near_equal_difference,
